@@ -1,0 +1,9 @@
+"""lerobot_ki: knowledge-insulated VLA policy (`--policy.type=ki_vla`) for LeRobot.
+
+Importing the package registers the `ki_vla` config with LeRobot; the policy class and processors are
+found by LeRobot's naming convention (`modeling_ki.KIPolicy`, `processor_ki.make_ki_vla_pre_post_processors`).
+"""
+
+from lerobot_ki.configuration_ki import KIConfig
+
+__all__ = ["KIConfig"]

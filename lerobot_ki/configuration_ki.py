@@ -1,0 +1,173 @@
+"""`KIConfig`: every knob of the knowledge-insulated VLA, registered with LeRobot as `ki_vla`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature, PreTrainedConfig
+from lerobot.optim import AdamWConfig, CosineDecayWithWarmupSchedulerConfig
+from lerobot.policies.rtc.configuration_rtc import RTCConfig
+from lerobot.utils.constants import ACTION, OBS_STATE
+
+from lerobot_ki.variants import BACKBONE_VARIANTS, EXPERT_VARIANTS
+
+PALIGEMMA_TOKENIZER = "google/paligemma-3b-pt-224"
+BYTE_TOKENIZER = "byte"
+
+
+@PreTrainedConfig.register_subclass("ki_vla")
+@dataclass
+class KIConfig(PreTrainedConfig):
+    # --- architecture -------------------------------------------------------------------------
+    # `gemma_2b` is the real PaliGemma 3B (SigLIP So400m + Gemma 2B); `tiny` trains on a 2-core CPU.
+    paligemma_variant: str = "gemma_2b"
+    action_expert_variant: str = "gemma_300m"
+    dtype: str = "float32"  # "float32" | "bfloat16" (norms and the vision tower stay float32)
+    image_resolution: tuple[int, int] = (224, 224)
+    # Cameras the dataset lacks but the model expects (e.g. a pretrained 3-camera model on a 2-camera
+    # robot) are fed as masked-out blank images.
+    empty_cameras: int = 0
+
+    n_obs_steps: int = 1
+    chunk_size: int = 50
+    n_action_steps: int = 50
+    max_state_dim: int = 32
+    max_action_dim: int = 32
+
+    # --- knowledge insulation -----------------------------------------------------------------
+    # Detach the backbone K/V read by the action expert: the flow loss never reaches the VLM.
+    # `false` is joint training (pi0.5 without KI), the paper's main ablation.
+    stop_gradient: bool = True
+    fast_loss_weight: float = 1.0  # 0 => pi0-style training of the flow expert only
+    flow_loss_weight: float = 1.0  # alpha in CE + alpha * MSE
+    # Expert passes per backbone pass, each with fresh noise and time: more flow supervision for
+    # the same backbone FLOPs (the prefix K/V are reused).
+    flow_samples_per_backbone_pass: int = 1
+    state_mode: str = "text"  # "text": 256-bin state in the prompt (pi0.5); "continuous": a state token
+    inference_mode: str = "flow"  # "flow": prefill + Euler steps of the expert; "fast": AR FAST decode
+
+    # --- flow matching (openpi conventions) ---------------------------------------------------
+    num_inference_steps: int = 10
+    time_sampling_beta_alpha: float = 1.5
+    time_sampling_beta_beta: float = 1.0
+    time_sampling_scale: float = 0.999
+    time_sampling_offset: float = 0.001
+    min_period: float = 4e-3
+    max_period: float = 4.0
+
+    # --- tokenizers ---------------------------------------------------------------------------
+    # None => "byte" (built offline with `tokenizers`) for the tiny backbone, the PaliGemma
+    # tokenizer otherwise. A local directory or Hub id of a `tokenizer.json` also works.
+    text_tokenizer: str | None = None
+    tokenizer_max_length: int = 200
+    # None => fit FAST on the training dataset when training starts and save it with the checkpoint.
+    fast_tokenizer_path: str | None = None
+    fast_vocab_size: int = 1024
+    fast_scale: float = 10.0
+    fast_fit_max_chunks: int = 4000
+    max_fast_tokens: int = 64  # FAST tokens per chunk the backbone reads and predicts, EOS included
+    fast_overflow: str = "error"  # "error" | "truncate" (warned and counted) for chunks over budget
+    fast_decode_max_failures: int = -1  # inference_mode=fast: -1 => never raise, zeros + counted warning
+
+    # --- real-time chunking (lerobot-rollout --inference.type=rtc) ----------------------------
+    rtc_config: RTCConfig | None = None
+
+    normalization_mapping: dict[str, NormalizationMode] = field(
+        default_factory=lambda: {
+            "VISUAL": NormalizationMode.IDENTITY,
+            "STATE": NormalizationMode.QUANTILES,
+            "ACTION": NormalizationMode.QUANTILES,
+        }
+    )
+
+    # --- training -----------------------------------------------------------------------------
+    gradient_checkpointing: bool = False
+    freeze_vision_encoder: bool = False
+    train_expert_only: bool = False  # freeze the whole VLM: only the expert and projections learn
+    device: str | None = None
+
+    optimizer_lr: float = 2.5e-5
+    optimizer_betas: tuple[float, float] = (0.9, 0.95)
+    optimizer_eps: float = 1e-8
+    optimizer_weight_decay: float = 0.01
+    optimizer_grad_clip_norm: float = 1.0
+    scheduler_warmup_steps: int = 1_000
+    scheduler_decay_steps: int = 30_000
+    scheduler_decay_lr: float = 2.5e-6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("paligemma_variant", self.paligemma_variant, BACKBONE_VARIANTS)
+        _check_choice("action_expert_variant", self.action_expert_variant, EXPERT_VARIANTS)
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("state_mode", self.state_mode, ("text", "continuous"))
+        _check_choice("inference_mode", self.inference_mode, ("flow", "fast"))
+        _check_choice("fast_overflow", self.fast_overflow, ("error", "truncate"))
+        if self.n_action_steps > self.chunk_size:
+            raise ValueError(
+                f"n_action_steps ({self.n_action_steps}) cannot exceed chunk_size ({self.chunk_size}); "
+                "lower --policy.n_action_steps or raise --policy.chunk_size."
+            )
+        if self.image_resolution[0] != self.image_resolution[1]:
+            raise ValueError(f"image_resolution must be square for SigLIP, got {self.image_resolution}")
+        if self.flow_samples_per_backbone_pass < 1:
+            raise ValueError("flow_samples_per_backbone_pass must be >= 1")
+        if self.max_fast_tokens < 2:
+            raise ValueError("max_fast_tokens must leave room for at least one FAST token and EOS")
+        if self.text_tokenizer is None:
+            self.text_tokenizer = BYTE_TOKENIZER if self.paligemma_variant == "tiny" else PALIGEMMA_TOKENIZER
+
+    def validate_features(self) -> None:
+        for i in range(self.empty_cameras):
+            key = f"observation.images.empty_camera_{i}"
+            self.input_features[key] = PolicyFeature(type=FeatureType.VISUAL, shape=(3, *self.image_resolution))
+        if OBS_STATE not in self.input_features:
+            self.input_features[OBS_STATE] = PolicyFeature(type=FeatureType.STATE, shape=(self.max_state_dim,))
+        if ACTION not in self.output_features:
+            self.output_features[ACTION] = PolicyFeature(type=FeatureType.ACTION, shape=(self.max_action_dim,))
+        state_dim = self.input_features[OBS_STATE].shape[0]
+        action_dim = self.output_features[ACTION].shape[0]
+        if state_dim > self.max_state_dim:
+            raise ValueError(
+                f"The state has {state_dim} dims but max_state_dim is {self.max_state_dim}: "
+                f"pass --policy.max_state_dim={state_dim} (or larger)."
+            )
+        if action_dim > self.max_action_dim:
+            raise ValueError(
+                f"The action has {action_dim} dims but max_action_dim is {self.max_action_dim}: "
+                f"pass --policy.max_action_dim={action_dim} (or larger)."
+            )
+
+    def get_optimizer_preset(self) -> AdamWConfig:
+        return AdamWConfig(
+            lr=self.optimizer_lr,
+            betas=self.optimizer_betas,
+            eps=self.optimizer_eps,
+            weight_decay=self.optimizer_weight_decay,
+            grad_clip_norm=self.optimizer_grad_clip_norm,
+        )
+
+    def get_scheduler_preset(self) -> CosineDecayWithWarmupSchedulerConfig:
+        return CosineDecayWithWarmupSchedulerConfig(
+            peak_lr=self.optimizer_lr,
+            decay_lr=self.scheduler_decay_lr,
+            num_warmup_steps=self.scheduler_warmup_steps,
+            num_decay_steps=self.scheduler_decay_steps,
+        )
+
+    @property
+    def observation_delta_indices(self) -> None:
+        return None
+
+    @property
+    def action_delta_indices(self) -> list[int]:
+        return list(range(self.chunk_size))
+
+    @property
+    def reward_delta_indices(self) -> None:
+        return None
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}={value!r}; choose one of {sorted(choices)} (--policy.{name}=...).")

@@ -1,0 +1,126 @@
+"""Where the FAST tokenizer comes from and how it travels with a checkpoint.
+
+- `resolve_fast_tokenizer`: a configured directory, else fitted on the training dataset's action chunks
+  (normalized exactly as the processor normalizes them), once per config object.
+- `fast_to_tensor` / `fast_from_tensor`: the tokenizer's saved files as one uint8 tensor, so it is part
+  of the processor state and of the policy's `model.safetensors`: whatever uploads or copies those
+  carries it, and loading needs no network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lerobot.processor import NormalizerProcessorStep
+from lerobot.utils.constants import ACTION
+
+from lerobot_ki.fast import FASTTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def fast_to_tensor(tok: FASTTokenizer) -> torch.Tensor:
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        files = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir())}
+    blob = json.dumps(files, sort_keys=True).encode("utf-8")
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
+
+
+def fast_from_tensor(blob: torch.Tensor) -> FASTTokenizer:
+    files = json.loads(bytes(blob.to(torch.uint8).cpu().numpy().tobytes()).decode("utf-8"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        return FASTTokenizer.from_pretrained(tmp)
+
+
+def load_action_chunks(
+    repo_id: str, root: str | Path | None, chunk_size: int, max_chunks: int, episodes: list[int] | None = None
+) -> np.ndarray:
+    """Raw action chunks (N, T, A) from a LeRobot dataset, read from its parquet data (no video decoding).
+
+    Chunks start at evenly spaced frames; a chunk running past its episode's end repeats the last action,
+    as LeRobot's `delta_timestamps` padding does for the training batches.
+    """
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    ds = LeRobotDataset(repo_id, root=root, episodes=episodes)
+    table = ds.hf_dataset.with_format("numpy")
+    actions = np.asarray(np.stack(table[ACTION]), dtype=np.float64)  # (F, A)
+    episode = np.asarray(table["episode_index"])  # (F,)
+    if len(actions) == 0:
+        raise ValueError(f"The dataset {repo_id!r} has no frames: nothing to fit FAST on.")
+    # Last frame index of each frame's episode (frames of an episode are contiguous).
+    change = np.flatnonzero(np.diff(episode)) + 1
+    ends = np.repeat(np.append(change, len(episode)) - 1, np.diff(np.concatenate([[0], change, [len(episode)]])))
+    starts = np.unique(np.linspace(0, len(actions) - 1, num=min(max_chunks, len(actions))).astype(int))
+    idx = np.minimum(starts[:, None] + np.arange(chunk_size)[None], ends[starts][:, None])  # (N, T)
+    return actions[idx]
+
+
+def normalize_action_chunks(chunks: np.ndarray, config: Any, stats: dict) -> np.ndarray:
+    """Apply the same LeRobot normalizer the training processor applies to actions."""
+    norm = NormalizerProcessorStep(
+        features={ACTION: config.output_features[ACTION]}, norm_map=config.normalization_mapping, stats=stats
+    )
+    return norm._normalize_action(torch.as_tensor(chunks, dtype=torch.float32), inverse=False).numpy()  # noqa: SLF001
+
+
+def fit_fast_on_dataset(
+    repo_id: str, root: str | Path | None, config: Any, stats: dict, episodes: list[int] | None = None
+) -> tuple[FASTTokenizer, dict]:
+    chunks = normalize_action_chunks(
+        load_action_chunks(repo_id, root, config.chunk_size, config.fast_fit_max_chunks, episodes), config, stats
+    )
+    tok = FASTTokenizer.fit(chunks, vocab_size=config.fast_vocab_size, scale=config.fast_scale)
+    return tok, tok.stats(chunks)
+
+
+def resolve_fast_tokenizer(config: Any, dataset_stats: dict | None) -> FASTTokenizer | None:
+    """The FAST tokenizer for this run, cached on the config so the policy and processors share one."""
+    cached = getattr(config, "_runtime_fast_tokenizer", None)
+    if cached is not None:
+        return cached
+    tok = None
+    if config.fast_tokenizer_path:
+        tok = FASTTokenizer.from_pretrained(config.fast_tokenizer_path)
+        logger.info("FAST tokenizer loaded from %s: %s", config.fast_tokenizer_path, tok)
+    else:
+        meta = getattr(config, "_runtime_dataset_meta", None)
+        if meta is not None and dataset_stats is not None:
+            tok, stats = fit_fast_on_dataset(meta.repo_id, meta.root, config, dataset_stats)
+            logger.info(
+                "FAST fitted on %s: %d chunks, vocab %d, tokens/chunk mean %.1f p99 %.0f, "
+                "reconstruction MAE %.4f (max %.4f)",
+                meta.repo_id, stats["num_chunks"], stats["vocab_size"], stats["mean_tokens"],
+                stats["p99_tokens"], stats["recon_mae"], stats["recon_max_abs"],
+            )
+            if stats["p99_tokens"] + 1 > config.max_fast_tokens:
+                logger.warning(
+                    "p99 of FAST tokens per chunk (%d, +1 EOS) exceeds max_fast_tokens=%d",
+                    stats["p99_tokens"], config.max_fast_tokens,
+                )
+    if tok is not None:
+        _check_shape(tok, config)
+        config._runtime_fast_tokenizer = tok
+    return tok
+
+
+def _check_shape(tok: FASTTokenizer, config: Any) -> None:
+    action_dim = config.output_features[ACTION].shape[0] if ACTION in config.output_features else None
+    if tok.chunk_size is not None and tok.chunk_size != config.chunk_size:
+        raise ValueError(
+            f"The FAST tokenizer was fitted on chunks of {tok.chunk_size} steps but chunk_size="
+            f"{config.chunk_size}: refit it (lerobot-ki-fit-fast) or set --policy.chunk_size={tok.chunk_size}."
+        )
+    if tok.action_dim is not None and action_dim is not None and tok.action_dim != action_dim:
+        raise ValueError(
+            f"The FAST tokenizer was fitted on {tok.action_dim}-dim actions but the dataset's are {action_dim}-dim."
+        )

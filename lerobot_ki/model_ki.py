@@ -1,0 +1,219 @@
+"""The knowledge-insulated VLA: one backbone pass trained by FAST next-token CE, an expert trained by flow
+matching that reads the backbone's image+prompt K/V through a stop-gradient.
+
+Token sequence and who sees whom (DESIGN.md section 2):
+
+    [images | prompt (task + state) ]  [FAST tokens + EOS]   ||   [expert tokens]
+     bidirectional (prefix-LM)          causal, see prefix        see prefix + each other, never FAST
+
+The expert tokens are never in the backbone's sequence, so nothing before them can see them; they read
+the prefix K/V (which cannot depend on the FAST tokens: prefix rows do not attend to FAST columns).
+Training therefore looks exactly like inference (prefill, then expert steps) plus a CE loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lerobot.policies.common.flow_matching import euler_integrate
+from lerobot.policies.common.vla_utils import make_att_2d_masks
+from lerobot.policies.pi05.modeling_pi05 import PI05Pytorch
+from torch import Tensor, nn
+
+from lerobot_ki.architecture import KIPaliGemmaWithExpert
+from lerobot_ki.configuration_ki import KIConfig
+from lerobot_ki.transformer import KV, run_stack
+from lerobot_ki.variants import BACKBONE_VARIANTS, EXPERT_VARIANTS, VISION_VARIANTS
+
+
+class KIModel(PI05Pytorch):
+    """Reuses pi05's prefix/suffix embedding, noise/time sampling and checkpoint helpers."""
+
+    def __init__(self, config: KIConfig, vocab_size: int, rtc_processor=None):
+        nn.Module.__init__(self)  # pi05's constructor builds fixed sizes; we build ours below
+        self.config = config
+        self.rtc_processor = rtc_processor
+        expert = EXPERT_VARIANTS[config.action_expert_variant]
+        backbone = BACKBONE_VARIANTS[config.paligemma_variant]
+        self.paligemma_with_expert = KIPaliGemmaWithExpert(
+            backbone,
+            expert,
+            VISION_VARIANTS[config.paligemma_variant],
+            vocab_size=vocab_size,
+            image_size=config.image_resolution[0],
+            precision=config.dtype,
+            freeze_vision_encoder=config.freeze_vision_encoder,
+            train_expert_only=config.train_expert_only,
+        )
+        self.action_in_proj = nn.Linear(config.max_action_dim, expert.width)
+        self.action_out_proj = nn.Linear(expert.width, config.max_action_dim)
+        self.time_mlp_in = nn.Linear(expert.width, expert.width)
+        self.time_mlp_out = nn.Linear(expert.width, expert.width)
+        if config.state_mode == "continuous":
+            self.state_proj = nn.Linear(config.max_state_dim, backbone.width)
+        self.gradient_checkpointing_enabled = False
+
+    # --- the prefix: images + prompt (+ a continuous state token) ------------------------------------
+    def embed_prefix_with_state(
+        self, images: list[Tensor], img_masks: list[Tensor], tokens: Tensor, masks: Tensor, state: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Returns embeddings (B, Lp, D) and the validity mask (B, Lp); all prefix tokens are bidirectional."""
+        embs, pad, _ = self.embed_prefix(images, img_masks, tokens, masks)
+        if self.config.state_mode == "continuous":
+            state_emb = self.state_proj(state.to(self.state_proj.weight.dtype))[:, None]  # (B, 1, D)
+            embs = torch.cat([embs, state_emb.to(embs.dtype)], dim=1)
+            pad = torch.cat([pad, torch.ones_like(pad[:, :1])], dim=1)
+        return embs, pad
+
+    def _backbone(self, embs: Tensor, pad: Tensor, causal: Tensor, past: list[KV] | None = None,
+                  past_pad: Tensor | None = None) -> tuple[Tensor, list[KV]]:
+        """Runs the backbone over new tokens `embs` (B, L, D) whose pad mask is `pad` (B, L) and whose
+        `causal` flags (B, L) follow LeRobot's convention (1 = starts a new causal block)."""
+        past_pad = pad[:, :0] if past_pad is None else past_pad
+        all_pad = torch.cat([past_pad, pad], dim=1)
+        all_causal = torch.cat([torch.zeros_like(past_pad, dtype=causal.dtype), causal], dim=1)
+        mask = make_att_2d_masks(all_pad, all_causal)[:, past_pad.shape[1] :]  # (B, L, Lpast + L)
+        positions = (torch.cumsum(all_pad, dim=1) - 1)[:, past_pad.shape[1] :]
+        return run_stack(
+            self.paligemma_with_expert.language_model,
+            embs,
+            positions,
+            mask,
+            past=past,
+            use_checkpoint=self.gradient_checkpointing_enabled and self.training,
+        )
+
+    def prefill(self, embs: Tensor, pad: Tensor) -> tuple[Tensor, list[KV]]:
+        return self._backbone(embs, pad, torch.zeros_like(pad))
+
+    # --- the expert ---------------------------------------------------------------------------------
+    def velocity(self, prefix_kv: list[KV], prefix_pad: Tensor, x_t: Tensor, time: Tensor) -> Tensor:
+        """Flow velocity v(x_t, t) (B, T, A) from the expert reading the prefix K/V (detached if KI)."""
+        suffix_embs, _, _, cond = self.embed_suffix(x_t, time)  # (B, T, De), (B, De)
+        bsz, horizon = suffix_embs.shape[:2]
+        n_prefix = prefix_pad.shape[1]
+        # Expert tokens see every valid prefix token and each other; RoPE positions continue the prompt.
+        mask = torch.cat(
+            [
+                prefix_pad[:, None, :].expand(bsz, horizon, n_prefix),
+                torch.ones(bsz, horizon, horizon, dtype=torch.bool, device=x_t.device),
+            ],
+            dim=2,
+        )
+        positions = prefix_pad.sum(-1, keepdim=True) + torch.arange(horizon, device=x_t.device)
+        out, _ = run_stack(
+            self.paligemma_with_expert.expert_model,
+            suffix_embs,
+            positions,
+            mask,
+            past=prefix_kv,
+            cond=cond,
+            detach_past=self.config.stop_gradient,
+            use_checkpoint=self.gradient_checkpointing_enabled and self.training,
+        )
+        return self.action_out_proj(out.to(self.action_out_proj.weight.dtype)).float()
+
+    # --- training -----------------------------------------------------------------------------------
+    def forward(
+        self,
+        prefix_embs: Tensor,  # (B, Lp, D)
+        prefix_pad: Tensor,  # (B, Lp) bool
+        fast_ids: Tensor,  # (B, Lf) LM ids of FAST tokens + EOS, right-padded
+        fast_mask: Tensor,  # (B, Lf) bool
+        actions: Tensor,  # (B, T, max_action_dim) normalized, zero-padded dims
+        flow_mask: Tensor,  # (B, T, max_action_dim) bool: real steps x real dims
+    ) -> dict[str, Tensor]:
+        bsz, n_prefix = prefix_pad.shape
+        fast_embs = self.paligemma_with_expert.embed_language_tokens(fast_ids).to(prefix_embs.dtype)
+        hidden, kv = self._backbone(
+            torch.cat([prefix_embs, fast_embs], dim=1),
+            torch.cat([prefix_pad, fast_mask], dim=1),
+            torch.cat([torch.zeros_like(prefix_pad), torch.ones_like(fast_mask)], dim=1),
+        )
+        # Next-token CE on FAST: token j is predicted from position j-1; token 0 from the last valid
+        # prompt position (the prompt is right-padded, so that index differs per sample).
+        last_prefix = n_prefix - 1 - prefix_pad.flip(-1).int().argmax(-1)  # (B,)
+        pred_idx = torch.cat(
+            [last_prefix[:, None], n_prefix + torch.arange(fast_ids.shape[1] - 1, device=fast_ids.device)[None]
+             .expand(bsz, -1)],
+            dim=1,
+        )  # (B, Lf)
+        pred_hidden = hidden.gather(1, pred_idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = self.paligemma_with_expert.lm_logits(pred_hidden)  # (B, Lf, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), fast_ids.flatten(), reduction="none").view_as(fast_mask)
+        n_fast = fast_mask.sum().clamp(min=1)
+        loss_fast = (ce * fast_mask).sum() / n_fast
+        fast_acc = ((logits.argmax(-1) == fast_ids) & fast_mask).sum() / n_fast
+
+        # The image+prompt K/V do not depend on the FAST tokens (prefix rows never attend to them).
+        prefix_kv = [(k[:, :, :n_prefix], v[:, :, :n_prefix]) for k, v in kv]
+        n_flow = flow_mask.sum().clamp(min=1)
+        loss_flow = actions.new_zeros(())
+        for _ in range(self.config.flow_samples_per_backbone_pass):
+            noise = self.sample_noise(actions.shape, actions.device)
+            time = self.sample_time(bsz, actions.device)
+            t = time[:, None, None]
+            x_t = t * noise + (1 - t) * actions
+            u_t = noise - actions
+            v_t = self.velocity(prefix_kv, prefix_pad, x_t, time)
+            loss_flow = loss_flow + ((v_t - u_t) ** 2 * flow_mask).sum() / n_flow
+        loss_flow = loss_flow / self.config.flow_samples_per_backbone_pass
+        return {"loss_fast_ce": loss_fast, "loss_flow": loss_flow, "fast_token_acc": fast_acc}
+
+    # --- inference ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_actions(self, prefix_embs: Tensor, prefix_pad: Tensor, noise: Tensor | None = None,
+                       num_steps: int | None = None, **rtc_kwargs) -> Tensor:
+        """Prefill the backbone once, then `num_steps` Euler steps of the expert only. (B, T, A)."""
+        bsz = prefix_embs.shape[0]
+        if noise is None:
+            shape = (bsz, self.config.chunk_size, self.config.max_action_dim)
+            noise = self.sample_noise(shape, prefix_embs.device)
+        _, prefix_kv = self.prefill(prefix_embs, prefix_pad)
+        return euler_integrate(
+            lambda x_t, time: self.velocity(prefix_kv, prefix_pad, x_t, time),
+            noise,
+            num_steps or self.config.num_inference_steps,
+            rtc_processor=self.rtc_processor,
+            rtc_enabled=self._rtc_enabled(),
+            inference_delay=rtc_kwargs.get("inference_delay"),
+            prev_chunk_left_over=rtc_kwargs.get("prev_chunk_left_over"),
+            execution_horizon=rtc_kwargs.get("execution_horizon"),
+        )
+
+    @torch.no_grad()
+    def generate(self, prefix_embs: Tensor, prefix_pad: Tensor, max_new_tokens: int, eos_id: int,
+                 allowed: tuple[int, int] | None = None, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Autoregressive decoding from the backbone with a KV cache. Returns (B, <=max_new_tokens) ids,
+        with `eos_id` after a sequence ended. `allowed` = [lo, hi) restricts sampling to that id range
+        (plus EOS), which is how FAST decoding keeps to FAST tokens."""
+        bsz, n_prefix = prefix_pad.shape
+        hidden, cache = self.prefill(prefix_embs, prefix_pad)
+        last = n_prefix - 1 - prefix_pad.flip(-1).int().argmax(-1)
+        h = hidden[torch.arange(bsz), last][:, None]  # (B, 1, D)
+        cache_pad = prefix_pad
+        done = torch.zeros(bsz, dtype=torch.bool, device=prefix_pad.device)
+        out = []
+        for _ in range(max_new_tokens):
+            logits = self.paligemma_with_expert.lm_logits(h)[:, -1]  # (B, V)
+            if allowed is not None:
+                keep = torch.zeros_like(logits, dtype=torch.bool)
+                keep[:, allowed[0] : allowed[1]] = True
+                keep[:, eos_id] = True
+                logits = logits.masked_fill(~keep, float("-inf"))
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            out.append(nxt)
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+            emb = self.paligemma_with_expert.embed_language_tokens(nxt[:, None]).to(prefix_embs.dtype)
+            step_pad = torch.ones(bsz, 1, dtype=torch.bool, device=nxt.device)
+            h, cache = self._backbone(emb, step_pad, torch.ones_like(step_pad), past=cache, past_pad=cache_pad)
+            cache_pad = torch.cat([cache_pad, step_pad], dim=1)
+        return torch.stack(out, dim=1)

@@ -1,0 +1,273 @@
+"""`KIPolicy`: the LeRobot glue around `KIModel` (batch checks, images, action queue, checkpoints)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import os
+from collections import deque
+from pathlib import Path
+
+import torch
+from lerobot.configs import PreTrainedConfig
+from lerobot.policies.common.vla_utils import pad_vector, resize_with_pad_torch
+from lerobot.policies.pretrained import PreTrainedPolicy, T
+from lerobot.policies.rtc.modeling_rtc import RTCProcessor
+from lerobot.utils.constants import (
+    ACTION,
+    ACTION_TOKEN_MASK,
+    ACTION_TOKENS,
+    OBS_LANGUAGE_ATTENTION_MASK,
+    OBS_LANGUAGE_TOKENS,
+    OBS_STATE,
+)
+from torch import Tensor
+
+from lerobot_ki.configuration_ki import KIConfig
+from lerobot_ki.fast import FASTDecodeError, FASTTokenizer
+from lerobot_ki.fast_artifacts import fast_from_tensor, fast_to_tensor, resolve_fast_tokenizer
+from lerobot_ki.model_ki import KIModel
+from lerobot_ki.text_tokenizer import vocab_layout
+
+logger = logging.getLogger(__name__)
+
+EMPTY_CAMERA = "empty_camera_"
+
+
+class KIPolicy(PreTrainedPolicy):
+    """Knowledge-insulated VLA (Driess et al. 2025) as a LeRobot policy: `--policy.type=ki_vla`."""
+
+    config_class = KIConfig
+    name = "ki_vla"
+    # Decoder layers of the backbone, the expert and the vision tower: the units FSDP shards.
+    _fsdp_wrap_modules = ["_PiGemmaDecoderLayerBase", "SiglipEncoderLayer"]
+    _no_split_modules = _fsdp_wrap_modules
+
+    def __init__(self, config: KIConfig, dataset_stats: dict | None = None, **kwargs):
+        super().__init__(config)
+        config.validate_features()
+        self.config = config
+        self.layout = vocab_layout(config.text_tokenizer, config.fast_vocab_size)
+        self.init_rtc_processor()
+        self.model = KIModel(config, self.layout.vocab_size, rtc_processor=self.rtc_processor)
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        # The FAST tokenizer rides in model.safetensors; a checkpoint being loaded brings its own.
+        fast = None if kwargs.get("_weights_follow") else resolve_fast_tokenizer(config, dataset_stats)
+        blob = fast_to_tensor(fast) if fast is not None else torch.zeros(0, dtype=torch.uint8)
+        self.register_buffer("fast_tokenizer_state", blob)
+        self._fast = fast
+        self.num_fast_decode_failures = 0
+        self.model.to(config.device)
+        self.reset()
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls: builtins.type[T],
+        pretrained_name_or_path: str | Path,
+        *,
+        config: PreTrainedConfig | None = None,
+        strict: bool = True,
+        **kwargs,
+    ) -> T:
+        saved_type = _saved_policy_type(pretrained_name_or_path, kwargs)
+        if saved_type is not None and saved_type != cls.name:
+            raise ValueError(
+                f"{pretrained_name_or_path} holds a '{saved_type}' policy, not '{cls.name}'. Load it with "
+                f"--policy.type={saved_type} / --policy.path, or start ki_vla from it with the weight-import "
+                "flags documented in the README."
+            )
+        kwargs.pop("_weights_follow", None)
+        return super().from_pretrained(
+            pretrained_name_or_path, config=config, strict=strict, _weights_follow=True, **kwargs
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The FAST tokenizer blob has the size of the saved tokenizer, not of the empty placeholder.
+        key = prefix + "fast_tokenizer_state"
+        if key in state_dict:
+            self.fast_tokenizer_state = torch.empty_like(state_dict[key], device=self.fast_tokenizer_state.device)
+            self._fast = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def fast_tokenizer(self) -> FASTTokenizer | None:
+        if self._fast is None and self.fast_tokenizer_state.numel() > 0:
+            self._fast = fast_from_tensor(self.fast_tokenizer_state)
+        return self._fast
+
+    def get_optim_params(self):
+        return self.parameters()
+
+    def _get_default_peft_targets(self) -> dict:
+        projections = "state_proj|action_in_proj|action_out_proj|time_mlp_in|time_mlp_out"
+        return {
+            "target_modules": rf"(.*\.gemma_expert\..*\.self_attn\.(q|v)_proj|model\.({projections}))",
+            "modules_to_save": [],
+        }
+
+    # --- real-time chunking -------------------------------------------------------------------------
+    def supports_rtc(self) -> bool:
+        return self.config.inference_mode == "flow"
+
+    def init_rtc_processor(self) -> None:
+        self.rtc_processor = RTCProcessor(self.config.rtc_config) if self.config.rtc_config is not None else None
+        if getattr(self, "model", None) is not None:
+            self.model.rtc_processor = self.rtc_processor
+
+    def _rtc_enabled(self) -> bool:
+        return self.config.rtc_config is not None and self.config.rtc_config.enabled
+
+    # --- inputs -------------------------------------------------------------------------------------
+    def _preprocess_images(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """(B, C, H, W) in [0, 1] -> resized with padding, in [-1, 1] as SigLIP expects, plus masks."""
+        present = [k for k in self.config.image_features if k in batch]
+        missing = [k for k in self.config.image_features if k not in batch and EMPTY_CAMERA not in k]
+        if missing or not present:
+            raise ValueError(
+                f"Camera(s) {missing or list(self.config.image_features)} missing from the observation "
+                f"(it has {sorted(k for k in batch if k.startswith('observation.'))}). Map your camera names "
+                "with --rename_map, or declare absent cameras with --policy.empty_cameras."
+            )
+        images, masks = [], []
+        for key in self.config.image_features:
+            if key not in batch:  # a declared empty camera: black (-1) and masked out
+                images.append(torch.full_like(images[0], -1.0))
+                masks.append(torch.zeros_like(masks[0]))
+                continue
+            img = batch[key].float()
+            if img.ndim != 4 or img.shape[1] != 3:
+                raise ValueError(f"'{key}' must be (B, 3, H, W) in [0, 1], got shape {tuple(img.shape)}")
+            if not torch.isfinite(img).all():
+                raise ValueError(f"'{key}' contains NaN or Inf pixels.")
+            if tuple(img.shape[-2:]) != tuple(self.config.image_resolution):
+                img = resize_with_pad_torch(img, *self.config.image_resolution)
+            images.append(img * 2.0 - 1.0)
+            masks.append(torch.ones(img.shape[0], dtype=torch.bool, device=img.device))
+        return images, masks
+
+    def _prefix(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if OBS_LANGUAGE_TOKENS not in batch:
+            raise ValueError(
+                "The batch has no prompt tokens: run it through the ki_vla preprocessor "
+                "(make_pre_post_processors / the policy_preprocessor saved with the checkpoint)."
+            )
+        images, img_masks = self._preprocess_images(batch)
+        state = None
+        if self.config.state_mode == "continuous":
+            state = pad_vector(batch[OBS_STATE], self.config.max_state_dim)
+        return self.model.embed_prefix_with_state(
+            images, img_masks, batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK].bool(), state
+        )
+
+    def _check_actions(self, batch: dict[str, Tensor]) -> Tensor:
+        actions = batch[ACTION]
+        if actions.ndim != 3:
+            raise ValueError(f"Expected an action chunk (B, T, A), got {tuple(actions.shape)}.")
+        if actions.shape[-1] > self.config.max_action_dim:
+            raise ValueError(
+                f"The action has {actions.shape[-1]} dims but max_action_dim={self.config.max_action_dim}: "
+                f"pass --policy.max_action_dim={actions.shape[-1]}."
+            )
+        if not torch.isfinite(actions).all():
+            raise ValueError("The action chunk contains NaN or Inf: check the dataset's actions.")
+        if ACTION_TOKENS not in batch:
+            raise ValueError("The batch has no FAST tokens: run it through the ki_vla preprocessor.")
+        return actions
+
+    # --- training -----------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor], reduction: str = "mean") -> tuple[Tensor, dict]:
+        if reduction != "mean":
+            raise ValueError("ki_vla returns a batch-mean loss only; per-sample weighting is not supported.")
+        actions = self._check_actions(batch)
+        bsz, horizon, action_dim = actions.shape
+        step_ok = ~batch.get(f"{ACTION}_is_pad", torch.zeros(bsz, horizon, dtype=torch.bool, device=actions.device))
+        dim_ok = torch.arange(self.config.max_action_dim, device=actions.device) < action_dim
+        flow_mask = step_ok[:, :, None] & dim_ok[None, None, :]  # (B, T, A_max): padding is excluded
+        prefix_embs, prefix_pad = self._prefix(batch)
+        out = self.model(
+            prefix_embs,
+            prefix_pad,
+            batch[ACTION_TOKENS],
+            batch[ACTION_TOKEN_MASK].bool(),
+            pad_vector(actions, self.config.max_action_dim),
+            flow_mask,
+        )
+        loss = self.config.fast_loss_weight * out["loss_fast_ce"] + self.config.flow_loss_weight * out["loss_flow"]
+        info = {k: float(v.detach()) for k, v in out.items()}
+        info["loss"] = float(loss.detach())
+        return loss, info
+
+    # --- inference ----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self._action_queue: deque[Tensor] = deque(maxlen=self.config.n_action_steps)
+
+    @torch.no_grad()
+    def select_action(self, batch: dict[str, Tensor]) -> Tensor:
+        if self._rtc_enabled():
+            raise RuntimeError("With RTC enabled, call predict_action_chunk (lerobot-rollout does).")
+        self.eval()
+        if not self._action_queue:
+            chunk = self.predict_action_chunk(batch)[:, : self.config.n_action_steps]  # (B, n, A)
+            self._action_queue.extend(chunk.transpose(0, 1))
+        return self._action_queue.popleft()
+
+    @torch.no_grad()
+    def predict_action_chunk(self, batch: dict[str, Tensor], **kwargs) -> Tensor:
+        """Normalized actions (B, chunk_size, action_dim)."""
+        self.eval()
+        prefix_embs, prefix_pad = self._prefix(batch)
+        if self.config.inference_mode == "fast":
+            if self._rtc_enabled():
+                raise ValueError(
+                    "RTC guides a flow sampler; inference_mode=fast decodes tokens. Use "
+                    "--policy.inference_mode=flow with --inference.type=rtc."
+                )
+            actions = self._decode_fast(prefix_embs, prefix_pad)
+        else:
+            actions = self.model.sample_actions(prefix_embs, prefix_pad, **kwargs)
+        return actions[:, :, : self.config.output_features[ACTION].shape[0]]
+
+    def _decode_fast(self, prefix_embs: Tensor, prefix_pad: Tensor) -> Tensor:
+        """pi0-FAST style: the backbone decodes FAST tokens, the tokenizer turns them into actions. A
+        sequence that does not decode becomes a zero (mean) chunk, logged and counted, or an error once
+        more than `fast_decode_max_failures` happened."""
+        tok = self.fast_tokenizer
+        if tok is None:
+            raise ValueError("inference_mode=fast needs the FAST tokenizer, and this checkpoint has none.")
+        ids = self.model.generate(
+            prefix_embs, prefix_pad, self.config.max_fast_tokens, self.layout.eos_id, self.layout.fast_lm_range()
+        )
+        rows = []
+        for row in ids.tolist():
+            row = row[: row.index(self.layout.eos_id)] if self.layout.eos_id in row else row
+            rows.append(self.layout.lm_to_fast(torch.tensor(row, dtype=torch.long)).tolist())
+        actions = torch.as_tensor(tok.decode(rows, strict=False), device=prefix_embs.device)
+        failures = len(tok.last_decode_failures)
+        if failures:
+            self.num_fast_decode_failures += failures
+            logger.warning(
+                "%d FAST sequence(s) did not decode; returned zero chunks (total so far: %d)",
+                failures, self.num_fast_decode_failures,
+            )
+            limit = self.config.fast_decode_max_failures
+            if 0 <= limit < self.num_fast_decode_failures:
+                raise FASTDecodeError(f"{self.num_fast_decode_failures} undecodable FAST sequences (limit {limit}).")
+        return pad_vector(actions.float(), self.config.max_action_dim)
+
+
+def _saved_policy_type(path: str | Path, kwargs: dict) -> str | None:
+    """The `type` in a checkpoint's config.json, if it can be read (local dir or Hub cache)."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file() and not os.path.isdir(path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            cfg_file = Path(hf_hub_download(str(path), "config.json", revision=kwargs.get("revision")))
+        except Exception:
+            return None
+    if not cfg_file.is_file():
+        return None
+    return json.loads(cfg_file.read_text()).get("type")

@@ -1,0 +1,302 @@
+"""Pre/post-processing pipelines of `ki_vla`, built from LeRobot's default steps plus three of ours.
+
+pre:  rename -> batch -> normalize (quantiles) -> prompt `Task: <task>, State: <bins>;\\nAction: `
+      -> text tokens -> FAST action tokens (only when actions are present) -> device
+post: unnormalize -> cpu
+
+Both tokenizers live in the steps' saved state (safetensors beside the pipeline JSON), so a saved or
+pushed checkpoint needs no download to run: `from_pretrained` rebuilds them from those bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from lerobot.configs import PipelineFeatureType, PolicyFeature
+from lerobot.lerobot_types import EnvTransition, TransitionKey
+from lerobot.processor import (
+    PolicyAction,
+    PolicyProcessorPipeline,
+    ProcessorStep,
+    ProcessorStepRegistry,
+    make_default_policy_processor_steps,
+    make_policy_processor_pipelines,
+)
+from lerobot.utils.constants import (
+    ACTION,
+    ACTION_TOKEN_MASK,
+    ACTION_TOKENS,
+    OBS_LANGUAGE_ATTENTION_MASK,
+    OBS_LANGUAGE_TOKENS,
+    OBS_STATE,
+)
+
+from lerobot_ki.configuration_ki import KIConfig
+from lerobot_ki.fast_artifacts import fast_from_tensor, fast_to_tensor, resolve_fast_tokenizer
+from lerobot_ki.text_tokenizer import TextTokenizer, VocabLayout, load_text_tokenizer, vocab_layout
+
+logger = logging.getLogger(__name__)
+
+STATE_BINS = 256
+
+
+def _bytes_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
+
+
+def _tensor_text(t: torch.Tensor) -> str:
+    return bytes(t.to(torch.uint8).cpu().numpy().tobytes()).decode("utf-8")
+
+
+def discretize_state(state: torch.Tensor) -> np.ndarray:
+    """Normalized state in [-1, 1] (B, S) -> integer bins 0..255, as pi0.5 writes it into the prompt."""
+    bins = np.linspace(-1, 1, STATE_BINS + 1)[:-1]
+    return np.clip(np.digitize(state.float().cpu().numpy(), bins=bins) - 1, 0, STATE_BINS - 1)
+
+
+def build_prompts(tasks: list[str], state: torch.Tensor | None) -> list[str]:
+    """`state` None => the state is not written (continuous state mode feeds it as a token)."""
+    binned = discretize_state(state) if state is not None else None
+    prompts = []
+    for i, task in enumerate(tasks):
+        text = task.strip().replace("_", " ").replace("\n", " ")
+        if binned is None:
+            prompts.append(f"Task: {text};\nAction: ")
+        else:
+            prompts.append(f"Task: {text}, State: {' '.join(map(str, binned[i]))};\nAction: ")
+    return prompts
+
+
+@ProcessorStepRegistry.register(name="ki_vla_prompt")
+@dataclass
+class KIPromptStep(ProcessorStep):
+    """Checks the observation and writes the prompt (task + 256-bin state) into `task`."""
+
+    max_state_dim: int = 32
+    state_in_prompt: bool = True
+    task_key: str = "task"
+
+    def __call__(self, transition: EnvTransition) -> EnvTransition:
+        transition = transition.copy()
+        obs = transition.get(TransitionKey.OBSERVATION) or {}
+        state = obs.get(OBS_STATE)
+        if state is None:
+            raise ValueError(
+                f"ki_vla needs '{OBS_STATE}' in every observation (found keys {sorted(obs)}). "
+                "Record the robot state, or map yours with --rename_map."
+            )
+        if state.shape[-1] > self.max_state_dim:
+            raise ValueError(
+                f"The state has {state.shape[-1]} dims but max_state_dim={self.max_state_dim}: "
+                f"pass --policy.max_state_dim={state.shape[-1]}."
+            )
+        if not torch.isfinite(state).all():
+            raise ValueError(f"'{OBS_STATE}' contains NaN or Inf: check the robot's sensors/dataset.")
+        comp = dict(transition.get(TransitionKey.COMPLEMENTARY_DATA) or {})
+        tasks = comp.get(self.task_key)
+        if tasks is None:
+            raise ValueError("No task string in the batch: ki_vla is language-conditioned; pass a task.")
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        if len(tasks) == 1 and state.shape[0] > 1:
+            tasks = tasks * state.shape[0]
+        if any(not isinstance(t, str) or not t.strip() for t in tasks):
+            raise ValueError(
+                "Empty task string: ki_vla needs a task description for every sample "
+                "(dataset tasks.parquet, or --task / the env's task description)."
+            )
+        comp[self.task_key] = build_prompts(tasks, state if self.state_in_prompt else None)
+        transition[TransitionKey.COMPLEMENTARY_DATA] = comp
+        return transition
+
+    def get_config(self) -> dict[str, Any]:
+        return {"max_state_dim": self.max_state_dim, "state_in_prompt": self.state_in_prompt,
+                "task_key": self.task_key}
+
+    def transform_features(
+        self, features: dict[PipelineFeatureType, dict[str, PolicyFeature]]
+    ) -> dict[PipelineFeatureType, dict[str, PolicyFeature]]:
+        return features
+
+
+@ProcessorStepRegistry.register(name="ki_vla_text_tokenizer")
+@dataclass
+class KITextTokenizerStep(ProcessorStep):
+    """Tokenizes the prompt with the backbone's tokenizer; the tokenizer itself is the step's state."""
+
+    tokenizer_name: str = "byte"
+    max_length: int = 200
+    fast_vocab_size: int = 1024
+    task_key: str = "task"
+    tokenizer: TextTokenizer | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # A step rebuilt by `from_pretrained` gets its tokenizer from `load_state_dict`; the byte
+        # tokenizer needs no file at all.
+        if self.tokenizer is None and self.tokenizer_name == "byte":
+            self.tokenizer = load_text_tokenizer("byte", self.fast_vocab_size)
+
+    @property
+    def layout(self) -> VocabLayout:
+        return vocab_layout(self.tokenizer_name, self.fast_vocab_size)
+
+    def __call__(self, transition: EnvTransition) -> EnvTransition:
+        if self.tokenizer is None:
+            raise RuntimeError(f"The text tokenizer {self.tokenizer_name!r} was never loaded.")
+        transition = transition.copy()
+        prompts = transition[TransitionKey.COMPLEMENTARY_DATA][self.task_key]
+        ids, mask = self.tokenizer.encode_batch(list(prompts), self.max_length)
+        obs = dict(transition[TransitionKey.OBSERVATION])
+        obs[OBS_LANGUAGE_TOKENS], obs[OBS_LANGUAGE_ATTENTION_MASK] = ids, mask
+        transition[TransitionKey.OBSERVATION] = obs
+        return transition
+
+    def get_config(self) -> dict[str, Any]:
+        return {"tokenizer_name": self.tokenizer_name, "max_length": self.max_length,
+                "fast_vocab_size": self.fast_vocab_size, "task_key": self.task_key}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"tokenizer_json": _bytes_tensor(self.tokenizer.to_str())} if self.tokenizer else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "tokenizer_json" in state:
+            self.tokenizer = TextTokenizer.from_str(_tensor_text(state["tokenizer_json"]), self.layout)
+
+    def transform_features(
+        self, features: dict[PipelineFeatureType, dict[str, PolicyFeature]]
+    ) -> dict[PipelineFeatureType, dict[str, PolicyFeature]]:
+        return features
+
+
+@ProcessorStepRegistry.register(name="ki_vla_fast_tokenizer")
+@dataclass
+class KIFastTokenizerStep(ProcessorStep):
+    """Normalized action chunks (B, T, A) -> FAST LM ids + EOS, right-padded to `max_fast_tokens`.
+
+    Runs only when the batch holds actions (training); at inference it passes the transition through.
+    """
+
+    max_fast_tokens: int = 64
+    overflow: str = "error"  # "error" | "truncate"
+    fast_offset: int = 260
+    fast_sign: int = 1
+    eos_id: int = 2
+    pad_id: int = 0
+    fast_tokenizer: Any = field(default=None, repr=False)
+    num_truncated: int = field(default=0, repr=False)
+    num_chunks: int = field(default=0, repr=False)
+
+    def __call__(self, transition: EnvTransition) -> EnvTransition:
+        action = transition.get(TransitionKey.ACTION)
+        if action is None:
+            return transition
+        if self.fast_tokenizer is None:
+            raise RuntimeError(
+                "Actions are present but this pipeline has no FAST tokenizer. Train with a dataset (it is "
+                "fitted automatically) or pass --policy.fast_tokenizer_path=DIR (lerobot-ki-fit-fast)."
+            )
+        if action.ndim == 2:  # a single step, not a chunk: nothing to supervise with FAST
+            return transition
+        if not torch.isfinite(action).all():
+            raise ValueError("The action chunk contains NaN or Inf: check the dataset's actions.")
+        token_lists = self.fast_tokenizer.encode(action.detach().float().cpu())
+        ids = torch.full((len(token_lists), self.max_fast_tokens), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(token_lists), self.max_fast_tokens), dtype=torch.bool)
+        for i, toks in enumerate(token_lists):
+            lm = [self.fast_offset + self.fast_sign * t for t in toks] + [self.eos_id]
+            self.num_chunks += 1
+            if len(lm) > self.max_fast_tokens:
+                if self.overflow == "error":
+                    raise ValueError(
+                        f"An action chunk needs {len(lm)} FAST tokens (EOS included) but max_fast_tokens="
+                        f"{self.max_fast_tokens}. Raise --policy.max_fast_tokens, shorten --policy.chunk_size, "
+                        "or pass --policy.fast_overflow=truncate."
+                    )
+                self.num_truncated += 1
+                logger.warning(
+                    "FAST chunk of %d tokens truncated to %d (%d of %d chunks so far)",
+                    len(lm), self.max_fast_tokens, self.num_truncated, self.num_chunks,
+                )
+                lm = lm[: self.max_fast_tokens - 1] + [self.eos_id]
+            ids[i, : len(lm)] = torch.tensor(lm, dtype=torch.long)
+            mask[i, : len(lm)] = True
+        transition = transition.copy()
+        comp = dict(transition.get(TransitionKey.COMPLEMENTARY_DATA) or {})
+        comp[ACTION_TOKENS], comp[ACTION_TOKEN_MASK] = ids, mask
+        transition[TransitionKey.COMPLEMENTARY_DATA] = comp
+        return transition
+
+    def get_config(self) -> dict[str, Any]:
+        return {"max_fast_tokens": self.max_fast_tokens, "overflow": self.overflow,
+                "fast_offset": self.fast_offset, "fast_sign": self.fast_sign,
+                "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"fast_tokenizer": fast_to_tensor(self.fast_tokenizer)} if self.fast_tokenizer else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "fast_tokenizer" in state:
+            self.fast_tokenizer = fast_from_tensor(state["fast_tokenizer"])
+
+    def transform_features(
+        self, features: dict[PipelineFeatureType, dict[str, PolicyFeature]]
+    ) -> dict[PipelineFeatureType, dict[str, PolicyFeature]]:
+        return features
+
+
+def make_ki_vla_pre_post_processors(
+    config: KIConfig,
+    dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> tuple[
+    PolicyProcessorPipeline[dict[str, Any], dict[str, Any]],
+    PolicyProcessorPipeline[PolicyAction, PolicyAction],
+]:
+    _check_quantile_stats(config, dataset_stats)
+    steps = make_default_policy_processor_steps(config, dataset_stats)
+    layout = vocab_layout(config.text_tokenizer, config.fast_vocab_size)
+    fast = resolve_fast_tokenizer(config, dataset_stats)
+    input_steps: list[ProcessorStep] = [
+        steps.rename_observations,
+        steps.add_batch_dim,
+        steps.normalize,  # before the prompt: the state is binned from its [-1, 1] normalized value
+        KIPromptStep(max_state_dim=config.max_state_dim, state_in_prompt=config.state_mode == "text"),
+        KITextTokenizerStep(
+            tokenizer_name=config.text_tokenizer,
+            max_length=config.tokenizer_max_length,
+            fast_vocab_size=config.fast_vocab_size,
+            tokenizer=load_text_tokenizer(config.text_tokenizer, config.fast_vocab_size),
+        ),
+        KIFastTokenizerStep(
+            max_fast_tokens=config.max_fast_tokens,
+            overflow=config.fast_overflow,
+            fast_offset=layout.fast_offset,
+            fast_sign=layout.fast_sign,
+            eos_id=layout.eos_id,
+            pad_id=layout.pad_id,
+            fast_tokenizer=fast,
+        ),
+        steps.to_device,
+    ]
+    output_steps: list[ProcessorStep] = [steps.unnormalize, steps.to_cpu]
+    return make_policy_processor_pipelines(input_steps=input_steps, output_steps=output_steps)
+
+
+def _check_quantile_stats(config: KIConfig, stats: dict[str, dict[str, Any]] | None) -> None:
+    """pi0.5-style quantile normalization needs q01/q99; say so up front instead of deep in a step."""
+    if stats is None:
+        return
+    features = {**config.input_features, **config.output_features}
+    for key, feature in features.items():
+        mode = config.normalization_mapping.get(feature.type.value)
+        if mode is None or mode.value != "QUANTILES" or key not in stats:
+            continue
+        missing = [q for q in ("q01", "q99") if q not in stats[key]]
+        if missing:
+            raise ValueError(
+                f"Dataset stats for '{key}' lack {missing}, needed by ki_vla's quantile normalization. "
+                "Recompute them with LeRobot's `augment_dataset_quantile_stats.py`, or pass "
+                "--policy.normalization_mapping='{\"STATE\": \"MEAN_STD\", \"ACTION\": \"MEAN_STD\"}'."
+            )

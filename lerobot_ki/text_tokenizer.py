@@ -1,0 +1,150 @@
+"""Text tokenizers and the place of FAST action tokens in the backbone's vocabulary.
+
+Two kinds, one interface (a `tokenizers.Tokenizer` underneath, serialisable to a string so it travels in
+the processor's saved state):
+
+- `byte`: built offline from code. ids 0-3 are <pad> <bos> <eos> <unk>, 4-259 the 256 bytes, and
+  the FAST range follows: FAST token t is id `260 + t`. The LM vocabulary is `260 + fast_vocab_size`.
+- PaliGemma (`google/paligemma-3b-pt-224` or a local copy): FAST token t is id `vocab - 1 - 128 - t`,
+  the PaliGemma/pi0-FAST convention that reuses the least-used ids below the 128 special tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+from lerobot_ki.configuration_ki import BYTE_TOKENIZER
+from lerobot_ki.variants import PALIGEMMA_VOCAB_SIZE
+
+BYTE_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+BYTE_FAST_OFFSET = len(BYTE_SPECIALS) + 256
+PALIGEMMA_SPECIAL_TAIL = 128
+
+
+def build_byte_tokenizer() -> Tokenizer:
+    """Byte-level tokenizer with no merges: every UTF-8 byte is one token, <bos> is prepended."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for raw bytes
+    byte_chars = sorted(alphabet, key=_byte_value)
+    vocab = {tok: i for i, tok in enumerate(BYTE_SPECIALS)}
+    vocab.update({ch: len(BYTE_SPECIALS) + i for i, ch in enumerate(byte_chars)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(list(BYTE_SPECIALS))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return tok
+
+
+def _byte_value(ch: str) -> int:
+    """Inverse of the GPT-2 byte->unicode map used by ByteLevel, so ids follow byte order."""
+    code = ord(ch)
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    """Where things live in the backbone vocabulary; FAST token t is LM id `fast_offset + fast_sign * t`.
+    Derived from the config alone, so the model can be sized before any tokenizer file is read."""
+
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    fast_offset: int
+    fast_sign: int
+    fast_vocab_size: int
+
+    def fast_to_lm(self, fast_ids: torch.Tensor) -> torch.Tensor:
+        return self.fast_offset + self.fast_sign * fast_ids
+
+    def lm_to_fast(self, lm_ids: torch.Tensor) -> torch.Tensor:
+        """Inverse of `fast_to_lm`; ids outside the FAST range come back as -1."""
+        fast = (lm_ids - self.fast_offset) * self.fast_sign
+        return torch.where((fast >= 0) & (fast < self.fast_vocab_size), fast, torch.full_like(fast, -1))
+
+    def fast_lm_range(self) -> tuple[int, int]:
+        """[lo, hi) of LM ids that are FAST tokens (used to constrain decoding)."""
+        ends = [self.fast_offset, self.fast_offset + self.fast_sign * (self.fast_vocab_size - 1)]
+        return min(ends), max(ends) + 1
+
+
+def vocab_layout(text_tokenizer: str, fast_vocab_size: int) -> VocabLayout:
+    if text_tokenizer == BYTE_TOKENIZER:
+        return VocabLayout(BYTE_FAST_OFFSET + fast_vocab_size, 0, 1, 2, BYTE_FAST_OFFSET, 1, fast_vocab_size)
+    # Gemma/PaliGemma: <pad>=0 <eos>=1 <bos>=2; FAST ids count down from below the special tail.
+    if fast_vocab_size > PALIGEMMA_VOCAB_SIZE // 2:
+        raise ValueError(f"fast_vocab_size={fast_vocab_size} does not fit into the PaliGemma vocabulary")
+    top = PALIGEMMA_VOCAB_SIZE - 1 - PALIGEMMA_SPECIAL_TAIL
+    return VocabLayout(PALIGEMMA_VOCAB_SIZE, 0, 2, 1, top, -1, fast_vocab_size)
+
+
+class TextTokenizer:
+    """Prompt tokenization for one backbone vocabulary."""
+
+    def __init__(self, tokenizer: Tokenizer, layout: VocabLayout):
+        self.tokenizer = tokenizer
+        self.layout = layout
+        for token, expected in (("<pad>", layout.pad_id), ("<bos>", layout.bos_id), ("<eos>", layout.eos_id)):
+            found = tokenizer.token_to_id(token)
+            if found != expected:
+                raise ValueError(
+                    f"The text tokenizer maps {token} to {found}, but this backbone expects {expected}: "
+                    "use a Gemma/PaliGemma tokenizer or `byte`."
+                )
+
+    # --- prompts ------------------------------------------------------------------------------------
+    def encode_batch(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids (B, max_length) and their mask; a prompt that does not fit is an error."""
+        ids = torch.full((len(texts), max_length), self.layout.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), max_length), dtype=torch.bool)
+        for i, enc in enumerate(self.tokenizer.encode_batch(texts)):
+            if len(enc.ids) > max_length:
+                raise ValueError(
+                    f"The prompt needs {len(enc.ids)} tokens but tokenizer_max_length={max_length}: "
+                    f"raise --policy.tokenizer_max_length. Prompt: {texts[i][:120]!r}"
+                )
+            ids[i, : len(enc.ids)] = torch.tensor(enc.ids, dtype=torch.long)
+            mask[i, : len(enc.ids)] = True
+        return ids, mask
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # --- persistence ------------------------------------------------------------------------------
+    def to_str(self) -> str:
+        return self.tokenizer.to_str()
+
+    @classmethod
+    def from_str(cls, serialized: str, layout: VocabLayout) -> TextTokenizer:
+        return cls(Tokenizer.from_str(serialized), layout)
+
+
+def load_text_tokenizer(name: str, fast_vocab_size: int) -> TextTokenizer:
+    """`byte`, a local directory/file holding a `tokenizer.json`, or a Hub id of a Gemma tokenizer."""
+    layout = vocab_layout(name, fast_vocab_size)
+    if name == BYTE_TOKENIZER:
+        return TextTokenizer(build_byte_tokenizer(), layout)
+    path = Path(name)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(name, "tokenizer.json"))
+        except Exception as e:
+            raise OSError(
+                f"Could not load the text tokenizer {name!r} ({type(e).__name__}). With no Hub access, "
+                f"download it elsewhere (`hf download {name} tokenizer.json --local-dir DIR`), copy DIR "
+                f"here and pass --policy.text_tokenizer=DIR. HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')}"
+            ) from e
+    return TextTokenizer(Tokenizer.from_file(str(path)), layout)
