@@ -6,4 +6,7 @@ found by LeRobot's naming convention (`modeling_ki.KIPolicy`, `processor_ki.make
 
 from lerobot_ki.configuration_ki import KIConfig
 
+# The processor steps must be registered before a saved pipeline that names them is loaded.
+from lerobot_ki import processor_ki  # noqa: E402, F401
+
 __all__ = ["KIConfig"]

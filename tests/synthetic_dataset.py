@@ -1,0 +1,71 @@
+"""A small LeRobotDataset made in the tests: 2 cameras, state, action, several tasks.
+
+The actions are a smooth function of the task and the state, and the images show a task-coloured square at
+a state-dependent place, so a policy can learn the mapping and a test can check that it did.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TASKS = ("push the red block left", "lift the green cube", "open the blue drawer")
+STATE_DIM = 4
+ACTION_DIM = 3
+IMAGE_SIZE = 32
+COLOURS = np.array([[220, 40, 40], [40, 200, 60], [40, 80, 220]], dtype=np.uint8)
+
+
+SIGNS = np.array([[1, 1, 1], [1, -1, 1], [-1, 1, -1]], dtype=np.float32)  # per task: what the prompt adds
+
+
+def state_at(t: int, length: int, phase: np.ndarray) -> np.ndarray:
+    """Each state dim sweeps a full period per episode, so every episode spans [-1, 1] and LeRobot's
+    per-episode quantile stats agree with the global ones (they are averaged across episodes)."""
+    return np.sin(2 * np.pi * t / length + phase).astype(np.float32)
+
+
+def expert_action(task_index: int, next_state: np.ndarray) -> np.ndarray:
+    """Smooth in time, task-specific (the sign pattern) and state-dependent."""
+    return (0.8 * SIGNS[task_index] * np.sin(np.pi / 2 * next_state[:ACTION_DIM])).astype(np.float32)
+
+
+def render(task_index: int, state: np.ndarray, shift: int) -> np.ndarray:
+    img = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 30, dtype=np.uint8)
+    x = int((state[0] + 1) / 2 * (IMAGE_SIZE - 8))
+    y = (shift + 4 * task_index) % (IMAGE_SIZE - 8)
+    img[y : y + 8, x : x + 8] = COLOURS[task_index]
+    return img
+
+
+def make_dataset(root: Path, repo_id: str = "local/ki_synthetic", episodes: int = 6, length: int = 20,
+                 fps: int = 10, seed: int = 0):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    features = {
+        "observation.images.top": {"dtype": "image", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
+                                   "names": ["height", "width", "channels"]},
+        "observation.images.wrist": {"dtype": "image", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
+                                     "names": ["height", "width", "channels"]},
+        "observation.state": {"dtype": "float32", "shape": (STATE_DIM,), "names": [f"s{i}" for i in range(STATE_DIM)]},
+        "action": {"dtype": "float32", "shape": (ACTION_DIM,), "names": [f"a{i}" for i in range(ACTION_DIM)]},
+    }
+    ds = LeRobotDataset.create(repo_id, fps=fps, features=features, root=root, use_videos=False)
+    rng = np.random.default_rng(seed)
+    for ep in range(episodes):
+        task_index = ep % len(TASKS)
+        phase = rng.uniform(0, 2 * np.pi, STATE_DIM)
+        for t in range(length):
+            state = state_at(t, length, phase)
+            action = expert_action(task_index, state_at(t + 1, length, phase))
+            ds.add_frame({
+                "observation.images.top": render(task_index, state, t),
+                "observation.images.wrist": render(task_index, state[::-1].copy(), 0),
+                "observation.state": state.copy(),
+                "action": action,
+                "task": TASKS[task_index],
+            })
+        ds.save_episode()
+    ds.finalize()
+    return ds

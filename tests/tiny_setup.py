@@ -1,0 +1,62 @@
+"""A tiny ki_vla policy with its processors and batches from the synthetic dataset, built in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+from lerobot_ki.configuration_ki import KIConfig
+from lerobot_ki.fast_artifacts import fit_fast_on_dataset
+from lerobot_ki.modeling_ki import KIPolicy
+from lerobot_ki.processor_ki import make_ki_vla_pre_post_processors
+from synthetic_dataset import ACTION_DIM, STATE_DIM
+
+CAMERAS = ("observation.images.top", "observation.images.wrist")
+
+
+def tiny_config(**overrides) -> KIConfig:
+    kwargs = dict(
+        paligemma_variant="tiny",
+        action_expert_variant="tiny",
+        chunk_size=10,
+        n_action_steps=5,
+        image_resolution=(32, 32),
+        max_state_dim=8,
+        max_action_dim=8,
+        tokenizer_max_length=72,
+        fast_vocab_size=256,
+        max_fast_tokens=40,
+        device="cpu",
+    )
+    kwargs.update(overrides)
+    cfg = KIConfig(**kwargs)
+    cfg.input_features = {cam: PolicyFeature(FeatureType.VISUAL, (3, 32, 32)) for cam in CAMERAS}
+    cfg.input_features["observation.state"] = PolicyFeature(FeatureType.STATE, (STATE_DIM,))
+    cfg.output_features = {"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))}
+    return cfg
+
+
+def load_dataset(root: Path, chunk_size: int = 10) -> LeRobotDataset:
+    fps = 10
+    return LeRobotDataset(
+        "local/ki_synthetic", root=root, delta_timestamps={"action": [i / fps for i in range(chunk_size)]}
+    )
+
+
+def build(root: Path, seed: int = 0, **overrides):
+    """(policy, preprocessor, postprocessor, dataset) with FAST fitted on the dataset, as training does."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(**overrides)
+    ds = load_dataset(root, cfg.chunk_size)
+    fast, _ = fit_fast_on_dataset("local/ki_synthetic", root, cfg, ds.meta.stats)
+    cfg._runtime_fast_tokenizer = fast
+    policy = KIPolicy(cfg, dataset_stats=ds.meta.stats)
+    pre, post = make_ki_vla_pre_post_processors(cfg, ds.meta.stats)
+    return policy, pre, post, ds
+
+
+def batch_of(ds: LeRobotDataset, pre, indices) -> dict:
+    return pre(torch.utils.data.default_collate([ds[int(i)] for i in indices]))
