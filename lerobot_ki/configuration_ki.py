@@ -120,11 +120,17 @@ class KIConfig(PreTrainedConfig):
     def validate_features(self) -> None:
         for i in range(self.empty_cameras):
             key = f"observation.images.empty_camera_{i}"
-            self.input_features[key] = PolicyFeature(type=FeatureType.VISUAL, shape=(3, *self.image_resolution))
+            self.input_features[key] = PolicyFeature(
+                type=FeatureType.VISUAL, shape=(3, *self.image_resolution)
+            )
         if OBS_STATE not in self.input_features:
-            self.input_features[OBS_STATE] = PolicyFeature(type=FeatureType.STATE, shape=(self.max_state_dim,))
+            self.input_features[OBS_STATE] = PolicyFeature(
+                type=FeatureType.STATE, shape=(self.max_state_dim,)
+            )
         if ACTION not in self.output_features:
-            self.output_features[ACTION] = PolicyFeature(type=FeatureType.ACTION, shape=(self.max_action_dim,))
+            self.output_features[ACTION] = PolicyFeature(
+                type=FeatureType.ACTION, shape=(self.max_action_dim,)
+            )
         state_dim = self.input_features[OBS_STATE].shape[0]
         action_dim = self.output_features[ACTION].shape[0]
         if state_dim > self.max_state_dim:

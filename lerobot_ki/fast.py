@@ -239,9 +239,13 @@ class FASTTokenizer:
         for i, text in zip(good, texts, strict=True):
             codes = np.fromiter(map(ord, text), dtype=np.int64, count=len(text)) - self.char_base
             if codes.size != t * d:
-                self._fail(i, f"decoded {codes.size} integers, expected chunk_size*action_dim={t * d}", strict)
+                self._fail(
+                    i, f"decoded {codes.size} integers, expected chunk_size*action_dim={t * d}", strict
+                )
             elif codes.min() < 0 or codes.max() > span:
-                self._fail(i, f"decoded value outside the fit range [{self.min_token}, {self.max_token}]", strict)
+                self._fail(
+                    i, f"decoded value outside the fit range [{self.min_token}, {self.max_token}]", strict
+                )
             else:
                 coeffs[i] = (codes + self.min_token).reshape(t, d)
         # Failed rows stay all-zero coefficients, and the inverse DCT of zeros is a zero action chunk.
@@ -259,7 +263,9 @@ class FASTTokenizer:
             token_ids = token_ids.detach().cpu().numpy()
         if isinstance(token_ids, np.ndarray):
             if token_ids.ndim != 2 or not np.issubdtype(token_ids.dtype, np.integer):
-                raise ValueError(f"token ids must be a 2-D integer array; got {token_ids.dtype} {token_ids.shape}")
+                raise ValueError(
+                    f"token ids must be a 2-D integer array; got {token_ids.dtype} {token_ids.shape}"
+                )
             token_ids = token_ids.tolist()
         rows = []
         for row in token_ids:
@@ -315,12 +321,15 @@ class FASTTokenizer:
             )
         if (path / PUBLIC_CONFIG).is_file():
             return cls._from_public(path, chunk_size, action_dim)
-        raise FileNotFoundError(f"{path} has neither {OWN_CONFIG} (lerobot_ki layout) nor {PUBLIC_CONFIG} (public)")
+        raise FileNotFoundError(
+            f"{path} has neither {OWN_CONFIG} (lerobot_ki layout) nor {PUBLIC_CONFIG} (public)"
+        )
 
     @classmethod
     def _from_public(cls, path: Path, chunk_size: int | None, action_dim: int | None) -> FASTTokenizer:
         cfg = json.loads((path / PUBLIC_CONFIG).read_text(encoding="utf-8"))
-        # The Hub repo stores the BPE flat; ProcessorMixin.save_pretrained may nest it under the attribute name.
+        # The Hub repo stores the BPE flat; ProcessorMixin.save_pretrained may nest it
+        # under the attribute name.
         candidates = [path / TOKENIZER_FILE, path / "bpe_tokenizer" / TOKENIZER_FILE]
         tok_file = next((c for c in candidates if c.is_file()), None)
         if tok_file is None:

@@ -59,7 +59,9 @@ def load_action_chunks(
         raise ValueError(f"The dataset {repo_id!r} has no frames: nothing to fit FAST on.")
     # Last frame index of each frame's episode (frames of an episode are contiguous).
     change = np.flatnonzero(np.diff(episode)) + 1
-    ends = np.repeat(np.append(change, len(episode)) - 1, np.diff(np.concatenate([[0], change, [len(episode)]])))
+    ends = np.repeat(
+        np.append(change, len(episode)) - 1, np.diff(np.concatenate([[0], change, [len(episode)]]))
+    )
     starts = np.unique(np.linspace(0, len(actions) - 1, num=min(max_chunks, len(actions))).astype(int))
     idx = np.minimum(starts[:, None] + np.arange(chunk_size)[None], ends[starts][:, None])  # (N, T)
     return actions[idx]
@@ -77,7 +79,9 @@ def fit_fast_on_dataset(
     repo_id: str, root: str | Path | None, config: Any, stats: dict, episodes: list[int] | None = None
 ) -> tuple[FASTTokenizer, dict]:
     chunks = normalize_action_chunks(
-        load_action_chunks(repo_id, root, config.chunk_size, config.fast_fit_max_chunks, episodes), config, stats
+        load_action_chunks(repo_id, root, config.chunk_size, config.fast_fit_max_chunks, episodes),
+        config,
+        stats,
     )
     tok = FASTTokenizer.fit(chunks, vocab_size=config.fast_vocab_size, scale=config.fast_scale)
     return tok, tok.stats(chunks)
@@ -99,13 +103,19 @@ def resolve_fast_tokenizer(config: Any, dataset_stats: dict | None) -> FASTToken
             logger.info(
                 "FAST fitted on %s: %d chunks, vocab %d, tokens/chunk mean %.1f p99 %.0f, "
                 "reconstruction MAE %.4f (max %.4f)",
-                meta.repo_id, stats["num_chunks"], stats["vocab_size"], stats["mean_tokens"],
-                stats["p99_tokens"], stats["recon_mae"], stats["recon_max_abs"],
+                meta.repo_id,
+                stats["num_chunks"],
+                stats["vocab_size"],
+                stats["mean_tokens"],
+                stats["p99_tokens"],
+                stats["recon_mae"],
+                stats["recon_max_abs"],
             )
             if stats["p99_tokens"] + 1 > config.max_fast_tokens:
                 logger.warning(
                     "p99 of FAST tokens per chunk (%d, +1 EOS) exceeds max_fast_tokens=%d",
-                    stats["p99_tokens"], config.max_fast_tokens,
+                    stats["p99_tokens"],
+                    config.max_fast_tokens,
                 )
     if tok is not None:
         _check_shape(tok, config)
@@ -118,9 +128,11 @@ def _check_shape(tok: FASTTokenizer, config: Any) -> None:
     if tok.chunk_size is not None and tok.chunk_size != config.chunk_size:
         raise ValueError(
             f"The FAST tokenizer was fitted on chunks of {tok.chunk_size} steps but chunk_size="
-            f"{config.chunk_size}: refit it (lerobot-ki-fit-fast) or set --policy.chunk_size={tok.chunk_size}."
+            f"{config.chunk_size}: refit it (lerobot-ki-fit-fast) or set "
+            f"--policy.chunk_size={tok.chunk_size}."
         )
     if tok.action_dim is not None and action_dim is not None and tok.action_dim != action_dim:
         raise ValueError(
-            f"The FAST tokenizer was fitted on {tok.action_dim}-dim actions but the dataset's are {action_dim}-dim."
+            f"The FAST tokenizer was fitted on {tok.action_dim}-dim actions but the dataset's are "
+            f"{action_dim}-dim: refit it on this dataset."
         )

@@ -55,9 +55,14 @@ class KIModel(PI05Pytorch):
 
     # --- the prefix: images + prompt (+ a continuous state token) ------------------------------------
     def embed_prefix_with_state(
-        self, images: list[Tensor], img_masks: list[Tensor], tokens: Tensor, masks: Tensor, state: Tensor | None
+        self,
+        images: list[Tensor],
+        img_masks: list[Tensor],
+        tokens: Tensor,
+        masks: Tensor,
+        state: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        """Returns embeddings (B, Lp, D) and the validity mask (B, Lp); all prefix tokens are bidirectional."""
+        """Embeddings (B, Lp, D) and validity mask (B, Lp); all prefix tokens are bidirectional."""
         embs, pad, _ = self.embed_prefix(images, img_masks, tokens, masks)
         if self.config.state_mode == "continuous":
             state_emb = self.state_proj(state.to(self.state_proj.weight.dtype))[:, None]  # (B, 1, D)
@@ -65,8 +70,14 @@ class KIModel(PI05Pytorch):
             pad = torch.cat([pad, torch.ones_like(pad[:, :1])], dim=1)
         return embs, pad
 
-    def _backbone(self, embs: Tensor, pad: Tensor, causal: Tensor, past: list[KV] | None = None,
-                  past_pad: Tensor | None = None) -> tuple[Tensor, list[KV]]:
+    def _backbone(
+        self,
+        embs: Tensor,
+        pad: Tensor,
+        causal: Tensor,
+        past: list[KV] | None = None,
+        past_pad: Tensor | None = None,
+    ) -> tuple[Tensor, list[KV]]:
         """Runs the backbone over new tokens `embs` (B, L, D) whose pad mask is `pad` (B, L) and whose
         `causal` flags (B, L) follow LeRobot's convention (1 = starts a new causal block)."""
         past_pad = pad[:, :0] if past_pad is None else past_pad
@@ -134,8 +145,10 @@ class KIModel(PI05Pytorch):
         # prompt position (the prompt is right-padded, so that index differs per sample).
         last_prefix = n_prefix - 1 - prefix_pad.flip(-1).int().argmax(-1)  # (B,)
         pred_idx = torch.cat(
-            [last_prefix[:, None], n_prefix + torch.arange(fast_ids.shape[1] - 1, device=fast_ids.device)[None]
-             .expand(bsz, -1)],
+            [
+                last_prefix[:, None],
+                n_prefix + torch.arange(fast_ids.shape[1] - 1, device=fast_ids.device)[None].expand(bsz, -1),
+            ],
             dim=1,
         )  # (B, Lf)
         pred_hidden = hidden.gather(1, pred_idx[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -162,8 +175,14 @@ class KIModel(PI05Pytorch):
 
     # --- inference ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_actions(self, prefix_embs: Tensor, prefix_pad: Tensor, noise: Tensor | None = None,
-                       num_steps: int | None = None, **rtc_kwargs) -> Tensor:
+    def sample_actions(
+        self,
+        prefix_embs: Tensor,
+        prefix_pad: Tensor,
+        noise: Tensor | None = None,
+        num_steps: int | None = None,
+        **rtc_kwargs,
+    ) -> Tensor:
         """Prefill the backbone once, then `num_steps` Euler steps of the expert only. (B, T, A)."""
         bsz = prefix_embs.shape[0]
         if noise is None:
@@ -182,9 +201,16 @@ class KIModel(PI05Pytorch):
         )
 
     @torch.no_grad()
-    def generate(self, prefix_embs: Tensor, prefix_pad: Tensor, max_new_tokens: int, eos_id: int,
-                 allowed: tuple[int, int] | None = None, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> Tensor:
+    def generate(
+        self,
+        prefix_embs: Tensor,
+        prefix_pad: Tensor,
+        max_new_tokens: int,
+        eos_id: int,
+        allowed: tuple[int, int] | None = None,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Autoregressive decoding from the backbone with a KV cache. Returns (B, <=max_new_tokens) ids,
         with `eos_id` after a sequence ended. `allowed` = [lo, hi) restricts sampling to that id range
         (plus EOS), which is how FAST decoding keeps to FAST tokens."""
@@ -214,6 +240,8 @@ class KIModel(PI05Pytorch):
                 break
             emb = self.paligemma_with_expert.embed_language_tokens(nxt[:, None]).to(prefix_embs.dtype)
             step_pad = torch.ones(bsz, 1, dtype=torch.bool, device=nxt.device)
-            h, cache = self._backbone(emb, step_pad, torch.ones_like(step_pad), past=cache, past_pad=cache_pad)
+            h, cache = self._backbone(
+                emb, step_pad, torch.ones_like(step_pad), past=cache, past_pad=cache_pad
+            )
             cache_pad = torch.cat([cache_pad, step_pad], dim=1)
         return torch.stack(out, dim=1)

@@ -88,7 +88,9 @@ class KIPolicy(PreTrainedPolicy):
         # The FAST tokenizer blob has the size of the saved tokenizer, not of the empty placeholder.
         key = prefix + "fast_tokenizer_state"
         if key in state_dict:
-            self.fast_tokenizer_state = torch.empty_like(state_dict[key], device=self.fast_tokenizer_state.device)
+            self.fast_tokenizer_state = torch.empty_like(
+                state_dict[key], device=self.fast_tokenizer_state.device
+            )
             self._fast = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -113,7 +115,9 @@ class KIPolicy(PreTrainedPolicy):
         return self.config.inference_mode == "flow"
 
     def init_rtc_processor(self) -> None:
-        self.rtc_processor = RTCProcessor(self.config.rtc_config) if self.config.rtc_config is not None else None
+        self.rtc_processor = (
+            RTCProcessor(self.config.rtc_config) if self.config.rtc_config is not None else None
+        )
         if getattr(self, "model", None) is not None:
             self.model.rtc_processor = self.rtc_processor
 
@@ -183,7 +187,9 @@ class KIPolicy(PreTrainedPolicy):
             raise ValueError("ki_vla returns a batch-mean loss only; per-sample weighting is not supported.")
         actions = self._check_actions(batch)
         bsz, horizon, action_dim = actions.shape
-        step_ok = ~batch.get(f"{ACTION}_is_pad", torch.zeros(bsz, horizon, dtype=torch.bool, device=actions.device))
+        step_ok = ~batch.get(
+            f"{ACTION}_is_pad", torch.zeros(bsz, horizon, dtype=torch.bool, device=actions.device)
+        )
         dim_ok = torch.arange(self.config.max_action_dim, device=actions.device) < action_dim
         flow_mask = step_ok[:, :, None] & dim_ok[None, None, :]  # (B, T, A_max): padding is excluded
         prefix_embs, prefix_pad = self._prefix(batch)
@@ -195,7 +201,10 @@ class KIPolicy(PreTrainedPolicy):
             pad_vector(actions, self.config.max_action_dim),
             flow_mask,
         )
-        loss = self.config.fast_loss_weight * out["loss_fast_ce"] + self.config.flow_loss_weight * out["loss_flow"]
+        loss = (
+            self.config.fast_loss_weight * out["loss_fast_ce"]
+            + self.config.flow_loss_weight * out["loss_flow"]
+        )
         info = {k: float(v.detach()) for k, v in out.items()}
         info["loss"] = float(loss.detach())
         return loss, info
@@ -238,7 +247,11 @@ class KIPolicy(PreTrainedPolicy):
         if tok is None:
             raise ValueError("inference_mode=fast needs the FAST tokenizer, and this checkpoint has none.")
         ids = self.model.generate(
-            prefix_embs, prefix_pad, self.config.max_fast_tokens, self.layout.eos_id, self.layout.fast_lm_range()
+            prefix_embs,
+            prefix_pad,
+            self.config.max_fast_tokens,
+            self.layout.eos_id,
+            self.layout.fast_lm_range(),
         )
         rows = []
         for row in ids.tolist():
@@ -250,11 +263,14 @@ class KIPolicy(PreTrainedPolicy):
             self.num_fast_decode_failures += failures
             logger.warning(
                 "%d FAST sequence(s) did not decode; returned zero chunks (total so far: %d)",
-                failures, self.num_fast_decode_failures,
+                failures,
+                self.num_fast_decode_failures,
             )
             limit = self.config.fast_decode_max_failures
             if 0 <= limit < self.num_fast_decode_failures:
-                raise FASTDecodeError(f"{self.num_fast_decode_failures} undecodable FAST sequences (limit {limit}).")
+                raise FASTDecodeError(
+                    f"{self.num_fast_decode_failures} undecodable FAST sequences (limit {limit})."
+                )
         return pad_vector(actions.float(), self.config.max_action_dim)
 
 

@@ -27,7 +27,6 @@ from lerobot.processor import (
     make_policy_processor_pipelines,
 )
 from lerobot.utils.constants import (
-    ACTION,
     ACTION_TOKEN_MASK,
     ACTION_TOKENS,
     OBS_LANGUAGE_ATTENTION_MASK,
@@ -113,8 +112,11 @@ class KIPromptStep(ProcessorStep):
         return transition
 
     def get_config(self) -> dict[str, Any]:
-        return {"max_state_dim": self.max_state_dim, "state_in_prompt": self.state_in_prompt,
-                "task_key": self.task_key}
+        return {
+            "max_state_dim": self.max_state_dim,
+            "state_in_prompt": self.state_in_prompt,
+            "task_key": self.task_key,
+        }
 
     def transform_features(
         self, features: dict[PipelineFeatureType, dict[str, PolicyFeature]]
@@ -155,8 +157,12 @@ class KITextTokenizerStep(ProcessorStep):
         return transition
 
     def get_config(self) -> dict[str, Any]:
-        return {"tokenizer_name": self.tokenizer_name, "max_length": self.max_length,
-                "fast_vocab_size": self.fast_vocab_size, "task_key": self.task_key}
+        return {
+            "tokenizer_name": self.tokenizer_name,
+            "max_length": self.max_length,
+            "fast_vocab_size": self.fast_vocab_size,
+            "task_key": self.task_key,
+        }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"tokenizer_json": _bytes_tensor(self.tokenizer.to_str())} if self.tokenizer else {}
@@ -212,13 +218,17 @@ class KIFastTokenizerStep(ProcessorStep):
                 if self.overflow == "error":
                     raise ValueError(
                         f"An action chunk needs {len(lm)} FAST tokens (EOS included) but max_fast_tokens="
-                        f"{self.max_fast_tokens}. Raise --policy.max_fast_tokens, shorten --policy.chunk_size, "
+                        f"{self.max_fast_tokens}. Raise --policy.max_fast_tokens, shorten "
+                        "--policy.chunk_size, "
                         "or pass --policy.fast_overflow=truncate."
                     )
                 self.num_truncated += 1
                 logger.warning(
                     "FAST chunk of %d tokens truncated to %d (%d of %d chunks so far)",
-                    len(lm), self.max_fast_tokens, self.num_truncated, self.num_chunks,
+                    len(lm),
+                    self.max_fast_tokens,
+                    self.num_truncated,
+                    self.num_chunks,
                 )
                 lm = lm[: self.max_fast_tokens - 1] + [self.eos_id]
             ids[i, : len(lm)] = torch.tensor(lm, dtype=torch.long)
@@ -230,9 +240,14 @@ class KIFastTokenizerStep(ProcessorStep):
         return transition
 
     def get_config(self) -> dict[str, Any]:
-        return {"max_fast_tokens": self.max_fast_tokens, "overflow": self.overflow,
-                "fast_offset": self.fast_offset, "fast_sign": self.fast_sign,
-                "eos_id": self.eos_id, "pad_id": self.pad_id}
+        return {
+            "max_fast_tokens": self.max_fast_tokens,
+            "overflow": self.overflow,
+            "fast_offset": self.fast_offset,
+            "fast_sign": self.fast_sign,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+        }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"fast_tokenizer": fast_to_tensor(self.fast_tokenizer)} if self.fast_tokenizer else {}
@@ -298,5 +313,5 @@ def _check_quantile_stats(config: KIConfig, stats: dict[str, dict[str, Any]] | N
             raise ValueError(
                 f"Dataset stats for '{key}' lack {missing}, needed by ki_vla's quantile normalization. "
                 "Recompute them with LeRobot's `augment_dataset_quantile_stats.py`, or pass "
-                "--policy.normalization_mapping='{\"STATE\": \"MEAN_STD\", \"ACTION\": \"MEAN_STD\"}'."
+                '--policy.normalization_mapping=\'{"STATE": "MEAN_STD", "ACTION": "MEAN_STD"}\'.'
             )

@@ -145,6 +145,7 @@ def load_text_tokenizer(name: str, fast_vocab_size: int) -> TextTokenizer:
             raise OSError(
                 f"Could not load the text tokenizer {name!r} ({type(e).__name__}). With no Hub access, "
                 f"download it elsewhere (`hf download {name} tokenizer.json --local-dir DIR`), copy DIR "
-                f"here and pass --policy.text_tokenizer=DIR. HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')}"
+                f"here and pass --policy.text_tokenizer=DIR. "
+                f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')}"
             ) from e
     return TextTokenizer(Tokenizer.from_file(str(path)), layout)

@@ -34,7 +34,9 @@ GEMMA_300M = GemmaSize(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_h
 TINY_BACKBONE = GemmaSize(width=128, depth=4, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=32)
 TINY_EXPERT = GemmaSize(width=64, depth=4, mlp_dim=256, num_heads=4, num_kv_heads=1, head_dim=32)
 
-SIGLIP_SO400M = SiglipSize(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, patch_size=14)
+SIGLIP_SO400M = SiglipSize(
+    hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, patch_size=14
+)
 TINY_SIGLIP = SiglipSize(hidden_size=96, intermediate_size=192, num_layers=2, num_heads=4, patch_size=16)
 
 BACKBONE_VARIANTS = {"gemma_2b": GEMMA_2B, "gemma_300m": GEMMA_300M, "tiny": TINY_BACKBONE}

@@ -70,12 +70,21 @@ def logged_metric(log: str, name: str) -> list[float]:
 def run_logged(cmd: list[str], env: dict[str, str], log_file: Path, timeout: float = 600) -> str:
     """Run `cmd`, write its merged stdout/stderr to `log_file`, fail the test (with the tail) on error."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout, check=False)
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     log_file.write_text(proc.stdout)
     if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd[:6])} ... exited with {proc.returncode} after "
-                    f"{time.perf_counter() - start:.0f}s; log {log_file}:\n{proc.stdout[-6000:]}")
+        pytest.fail(
+            f"{' '.join(cmd[:6])} ... exited with {proc.returncode} after "
+            f"{time.perf_counter() - start:.0f}s; log {log_file}:\n{proc.stdout[-6000:]}"
+        )
     return proc.stdout
 
 
@@ -138,10 +147,18 @@ def train_run(tmp_path_factory, dataset_root, offline_env) -> TrainRun:
     """One `lerobot-train --policy.type=ki_vla` run (no plugin flag) shared by the whole session."""
     work = tmp_path_factory.mktemp("train")
     output_dir = work / "run"
-    cmd = [venv_script("lerobot-train"), *train_args(
-        dataset_root, output_dir, "--batch_size=4", f"--steps={TRAIN_STEPS}", f"--log_freq={LOG_FREQ}",
-        f"--save_freq={SAVE_FREQ}", "--seed=1000",
-    )]
+    cmd = [
+        venv_script("lerobot-train"),
+        *train_args(
+            dataset_root,
+            output_dir,
+            "--batch_size=4",
+            f"--steps={TRAIN_STEPS}",
+            f"--log_freq={LOG_FREQ}",
+            f"--save_freq={SAVE_FREQ}",
+            "--seed=1000",
+        ),
+    ]
     start = time.perf_counter()
     log = run_logged(cmd, offline_env, work / "train.log")
     seconds = time.perf_counter() - start

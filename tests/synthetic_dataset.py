@@ -39,16 +39,32 @@ def render(task_index: int, state: np.ndarray, shift: int) -> np.ndarray:
     return img
 
 
-def make_dataset(root: Path, repo_id: str = "local/ki_synthetic", episodes: int = 6, length: int = 20,
-                 fps: int = 10, seed: int = 0):
+def make_dataset(
+    root: Path,
+    repo_id: str = "local/ki_synthetic",
+    episodes: int = 6,
+    length: int = 20,
+    fps: int = 10,
+    seed: int = 0,
+):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     features = {
-        "observation.images.top": {"dtype": "image", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
-                                   "names": ["height", "width", "channels"]},
-        "observation.images.wrist": {"dtype": "image", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
-                                     "names": ["height", "width", "channels"]},
-        "observation.state": {"dtype": "float32", "shape": (STATE_DIM,), "names": [f"s{i}" for i in range(STATE_DIM)]},
+        "observation.images.top": {
+            "dtype": "image",
+            "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
+            "names": ["height", "width", "channels"],
+        },
+        "observation.images.wrist": {
+            "dtype": "image",
+            "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
+            "names": ["height", "width", "channels"],
+        },
+        "observation.state": {
+            "dtype": "float32",
+            "shape": (STATE_DIM,),
+            "names": [f"s{i}" for i in range(STATE_DIM)],
+        },
         "action": {"dtype": "float32", "shape": (ACTION_DIM,), "names": [f"a{i}" for i in range(ACTION_DIM)]},
     }
     ds = LeRobotDataset.create(repo_id, fps=fps, features=features, root=root, use_videos=False)
@@ -59,13 +75,15 @@ def make_dataset(root: Path, repo_id: str = "local/ki_synthetic", episodes: int 
         for t in range(length):
             state = state_at(t, length, phase)
             action = expert_action(task_index, state_at(t + 1, length, phase))
-            ds.add_frame({
-                "observation.images.top": render(task_index, state, t),
-                "observation.images.wrist": render(task_index, state[::-1].copy(), 0),
-                "observation.state": state.copy(),
-                "action": action,
-                "task": TASKS[task_index],
-            })
+            ds.add_frame(
+                {
+                    "observation.images.top": render(task_index, state, t),
+                    "observation.images.wrist": render(task_index, state[::-1].copy(), 0),
+                    "observation.state": state.copy(),
+                    "action": action,
+                    "task": TASKS[task_index],
+                }
+            )
         ds.save_episode()
     ds.finalize()
     return ds

@@ -7,11 +7,11 @@ import logging
 import pytest
 import torch
 from lerobot.configs import FeatureType, PolicyFeature
+from synthetic_dataset import make_dataset
+from tiny_setup import CAMERAS, build, tiny_config
 
 from lerobot_ki.modeling_ki import KIPolicy
 from lerobot_ki.processor_ki import make_ki_vla_pre_post_processors
-from synthetic_dataset import make_dataset
-from tiny_setup import CAMERAS, batch_of, build, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +130,20 @@ def test_checkpoint_of_another_policy(tmp_path):
     from lerobot.policies.act.configuration_act import ACTConfig
     from lerobot.policies.act.modeling_act import ACTPolicy
 
-    cfg = ACTConfig(pretrained_backbone_weights=None, device="cpu", dim_model=32, n_encoder_layers=1,
-                    n_decoder_layers=1, dim_feedforward=64, chunk_size=5, n_action_steps=5)
-    cfg.input_features = {"observation.state": PolicyFeature(FeatureType.STATE, (4,)),
-                          CAMERAS[0]: PolicyFeature(FeatureType.VISUAL, (3, 32, 32))}
+    cfg = ACTConfig(
+        pretrained_backbone_weights=None,
+        device="cpu",
+        dim_model=32,
+        n_encoder_layers=1,
+        n_decoder_layers=1,
+        dim_feedforward=64,
+        chunk_size=5,
+        n_action_steps=5,
+    )
+    cfg.input_features = {
+        "observation.state": PolicyFeature(FeatureType.STATE, (4,)),
+        CAMERAS[0]: PolicyFeature(FeatureType.VISUAL, (3, 32, 32)),
+    }
     cfg.output_features = {"action": PolicyFeature(FeatureType.ACTION, (3,))}
     ACTPolicy(cfg).save_pretrained(tmp_path / "act")
     with pytest.raises(ValueError, match=r"holds a 'act' policy, not 'ki_vla'.*--policy.type=act"):

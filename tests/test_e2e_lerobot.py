@@ -66,8 +66,11 @@ def chunk(policy, pre, obs: dict, seed: int) -> torch.Tensor:
 
 
 def file_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def fast_step(pre) -> KIFastTokenizerStep:
@@ -94,8 +97,12 @@ def test_train_logs_both_losses_and_saves_checkpoint(train_run):
         assert len(values) == TRAIN_STEPS // LOG_FREQ, (name, values)
         assert all(math.isfinite(v) and v > 0 for v in values), (name, values)
     # The reported loss is CE + flow (both weights default to 1); the log rounds each to 3 decimals.
-    for total, ce, flow in zip(logged_metric(log, "loss"), logged_metric(log, "loss_fast_ce"),
-                               logged_metric(log, "loss_flow"), strict=True):
+    for total, ce, flow in zip(
+        logged_metric(log, "loss"),
+        logged_metric(log, "loss_fast_ce"),
+        logged_metric(log, "loss_flow"),
+        strict=True,
+    ):
         assert total == pytest.approx(ce + flow, abs=2e-3)
 
     listing = train_run.checkpoints_after_run
@@ -108,9 +115,15 @@ def test_train_logs_both_losses_and_saves_checkpoint(train_run):
     assert config["type"] == "ki_vla"
     assert config["chunk_size"] == CHUNK_SIZE and config["paligemma_variant"] == "tiny"
     assert json.loads((pm / "train_config.json").read_text())["policy"]["type"] == "ki_vla"
-    for name in ("model.safetensors", "policy_preprocessor.json", "policy_postprocessor.json",
-                 "policy_preprocessor_step_2_normalizer_processor.safetensors",
-                 "policy_postprocessor_step_0_unnormalizer_processor.safetensors", FAST_STATE, TEXT_STATE):
+    for name in (
+        "model.safetensors",
+        "policy_preprocessor.json",
+        "policy_postprocessor.json",
+        "policy_preprocessor_step_2_normalizer_processor.safetensors",
+        "policy_postprocessor_step_0_unnormalizer_processor.safetensors",
+        FAST_STATE,
+        TEXT_STATE,
+    ):
         assert (pm / name).is_file() and (pm / name).stat().st_size > 0, name
 
     pre_cfg = json.loads((pm / "policy_preprocessor.json").read_text())
@@ -134,8 +147,15 @@ def test_resume_continues_from_checkpoint_without_refitting_fast(train_run, offl
     checkpoints = train_run.output_dir / "checkpoints"
     before = {name: file_hashes(checkpoints / name) for name in ("000015", "000030")}
     total = TRAIN_STEPS + 6
-    cmd = [sys.executable, "-m", "lerobot.scripts.lerobot_train", "--resume=true",
-           f"--config_path={train_run.pretrained / 'train_config.json'}", f"--steps={total}", "--log_freq=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lerobot.scripts.lerobot_train",
+        "--resume=true",
+        f"--config_path={train_run.pretrained / 'train_config.json'}",
+        f"--steps={total}",
+        "--log_freq=2",
+    ]
     log = run_logged(cmd, offline_env, tmp_path / "resume.log")
 
     assert "FAST fitted" not in log, "the resumed run refitted the FAST tokenizer"
@@ -185,8 +205,16 @@ def test_loading_twice_gives_identical_actions(train_run, loaded):
     assert tok_model is not tok_proc
     t = np.linspace(0, 1, CHUNK_SIZE)[None, :, None]
     rng = np.random.default_rng(0)
-    chunks = np.clip(0.8 * np.sin(2 * np.pi * (t * rng.uniform(0.2, 1.0, (16, 1, ACTION_DIM))
-                                                + rng.uniform(0, 1, (16, 1, ACTION_DIM)))), -1, 1)
+    chunks = np.clip(
+        0.8
+        * np.sin(
+            2
+            * np.pi
+            * (t * rng.uniform(0.2, 1.0, (16, 1, ACTION_DIM)) + rng.uniform(0, 1, (16, 1, ACTION_DIM)))
+        ),
+        -1,
+        1,
+    )
     tokens = tok_model.encode(chunks)
     assert tokens == tok_proc.encode(chunks)
     assert all(len(row) > 0 for row in tokens)
@@ -203,17 +231,20 @@ class TinyEnv(gym.Env):
 
     def __init__(self):
         image = gym.spaces.Box(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-        self.observation_space = gym.spaces.Dict({
-            "top": image, "wrist": image,
-            "state": gym.spaces.Box(-1.0, 1.0, (STATE_DIM,), np.float32),
-        })
+        self.observation_space = gym.spaces.Dict(
+            {
+                "top": image,
+                "wrist": image,
+                "state": gym.spaces.Box(-1.0, 1.0, (STATE_DIM,), np.float32),
+            }
+        )
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
         self._state = np.zeros(STATE_DIM, np.float32)
 
     def _obs(self):
         img = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 30, np.uint8)
         x = int((self._state[0] + 1) / 2 * (IMAGE_SIZE - 8))
-        img[4:12, x:x + 8] = (40, 200, 60)
+        img[4:12, x : x + 8] = (40, 200, 60)
         return {"top": img, "wrist": img[::-1].copy(), "state": self._state.copy()}
 
     def reset(self, *, seed=None, options=None):
@@ -232,8 +263,12 @@ def to_batch(obs: dict, task: str) -> dict:
     def image(x):
         return torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255.0
 
-    return {"observation.images.top": image(obs["top"]), "observation.images.wrist": image(obs["wrist"]),
-            "observation.state": torch.from_numpy(obs["state"])[None], "task": [task]}
+    return {
+        "observation.images.top": image(obs["top"]),
+        "observation.images.wrist": image(obs["wrist"]),
+        "observation.state": torch.from_numpy(obs["state"])[None],
+        "task": [task],
+    }
 
 
 def test_rollout_refills_queue_every_n_action_steps(loaded, monkeypatch):
@@ -305,13 +340,19 @@ def test_saved_folder_loads_in_fresh_offline_process(train_run, loaded, offline_
     checkpoint = {p.name for p in train_run.pretrained.iterdir()}
     # train_config.json is written by lerobot-train (cfg.save_pretrained), not by the policy/processors.
     assert saved == checkpoint - {"train_config.json"}
-    for name in saved - {"config.json"}:
+    for name in saved:
         assert (out / name).read_bytes() == (train_run.pretrained / name).read_bytes(), name
 
     obs = observation(batch=2, seed=11)
     torch.save(obs, tmp_path / "obs.pt")
-    proc = subprocess.run([sys.executable, "-c", _FRESH_LOAD, str(out), str(tmp_path / "obs.pt"), "5"],
-                          env=offline_env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH_LOAD, str(out), str(tmp_path / "obs.pt"), "5"],
+        env=offline_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("ACTIONS=")]
     fresh = torch.tensor(json.loads(line[-1].removeprefix("ACTIONS=")))
@@ -344,8 +385,9 @@ def fake_hub(monkeypatch, tmp_path):
     def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
         folder = Path(folder_path)
         files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
-        kept = list(filter_repo_objects(files, allow_patterns=allow_patterns,
-                                        ignore_patterns=ignore_patterns))
+        kept = list(
+            filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        )
         dest = tmp_path / "hub" / str(len(uploads))
         for name in kept:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -360,8 +402,9 @@ def fake_hub(monkeypatch, tmp_path):
     return uploads
 
 
-def test_push_to_hub_uploads_weights_config_and_tokenizers(train_run, loaded, fake_hub, monkeypatch,
-                                                           tmp_path):
+def test_push_to_hub_uploads_weights_config_and_tokenizers(
+    train_run, loaded, fake_hub, monkeypatch, tmp_path
+):
     from lerobot.configs.train import TrainPipelineConfig
 
     policy, pre, post = loaded
@@ -376,11 +419,16 @@ def test_push_to_hub_uploads_weights_config_and_tokenizers(train_run, loaded, fa
     assert [u["repo_id"] for u in fake_hub] == [repo_id] * 3
     model_up, pre_up, post_up = fake_hub
     assert {"config.json", "model.safetensors", "train_config.json", "README.md"} == model_up["files"]
-    assert pre_up["files"] == {"policy_preprocessor.json",
-                               "policy_preprocessor_step_2_normalizer_processor.safetensors",
-                               TEXT_STATE, FAST_STATE}
-    assert post_up["files"] == {"policy_postprocessor.json",
-                                "policy_postprocessor_step_0_unnormalizer_processor.safetensors"}
+    assert pre_up["files"] == {
+        "policy_preprocessor.json",
+        "policy_preprocessor_step_2_normalizer_processor.safetensors",
+        TEXT_STATE,
+        FAST_STATE,
+    }
+    assert post_up["files"] == {
+        "policy_postprocessor.json",
+        "policy_postprocessor_step_0_unnormalizer_processor.safetensors",
+    }
     for name in (TEXT_STATE, FAST_STATE):
         assert (pre_up["dir"] / name).read_bytes() == (train_run.pretrained / name).read_bytes()
     assert json.loads((model_up["dir"] / "config.json").read_text())["type"] == "ki_vla"

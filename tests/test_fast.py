@@ -138,7 +138,9 @@ def test_from_pretrained_missing_layout(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- public physical-intelligence/fast layout
 
 
-def _write_public_layout(directory: Path, chunks: np.ndarray, scale: float, vocab_size: int) -> tuple[int, int]:
+def _write_public_layout(
+    directory: Path, chunks: np.ndarray, scale: float, vocab_size: int
+) -> tuple[int, int]:
     """Write a directory the way the public repo stores its tokenizer: byte-level BPE over chr(k - min_token),
     saved through transformers.PreTrainedTokenizerFast, plus processor_config.json with null shapes."""
     transformers = pytest.importorskip("transformers")

@@ -6,7 +6,6 @@ import pytest
 import torch
 from lerobot.policies.common.vla_utils import make_att_2d_masks
 from lerobot.utils.constants import ACTION, ACTION_TOKEN_MASK, ACTION_TOKENS
-
 from synthetic_dataset import make_dataset
 from tiny_setup import batch_of, build
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from synthetic_dataset import make_dataset
 from tiny_setup import batch_of, build
 

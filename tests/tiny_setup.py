@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
+from synthetic_dataset import ACTION_DIM, STATE_DIM
 
 from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.fast_artifacts import fit_fast_on_dataset
 from lerobot_ki.modeling_ki import KIPolicy
 from lerobot_ki.processor_ki import make_ki_vla_pre_post_processors
-from synthetic_dataset import ACTION_DIM, STATE_DIM
 
 CAMERAS = ("observation.images.top", "observation.images.wrist")
 

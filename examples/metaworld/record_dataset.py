@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -227,8 +228,15 @@ def record(
     """
     from tqdm.auto import tqdm
 
+    # metaworld.policies warns on every clipped action; the env clips to [-1, 1] anyway (and so do we).
+    warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")
+
     backend = _import_backend()
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    # A torchcodec wheel without matching FFmpeg shared libs makes LeRobot log a long traceback every
+    # time it picks a video backend (it then falls back to pyav, which is fine). Keep the output readable.
+    logging.getLogger("lerobot.utils.import_utils").setLevel(logging.ERROR)
 
     task_list = resolve_tasks(tasks)
     if episodes_per_task < 1:
@@ -247,6 +255,13 @@ def record(
             seed + max_attempts - 1,
             LEROBOT_EVAL_DEFAULT_SEED,
         )
+
+    # Fail fast (before anything is written) if offscreen rendering does not work.
+    _, probe_vec_env, probe_env = _make_lerobot_env(backend, task_list[0])
+    try:
+        _reset_checked(probe_env, seed)
+    finally:
+        probe_vec_env.close()
 
     env_cfg0 = backend["config_cls"](task=task_list[0])
     features = build_features(env_cfg0, use_videos=use_videos)
@@ -364,7 +379,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Record Meta-World v3 scripted-expert demos as a LeRobot v3 dataset that matches "
-        "`lerobot-eval --env.type=metaworld` observations (480x480 corner2 image, 4-dim state, 4-dim action).",
+        "`lerobot-eval --env.type=metaworld` observations "
+        "(480x480 corner2 image, 4-dim state, 4-dim action).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
