@@ -86,14 +86,16 @@ class KIConfig(PreTrainedConfig):
     train_expert_only: bool = False  # freeze the whole VLM: only the expert and projections learn
     device: str | None = None
 
-    optimizer_lr: float = 2.5e-5
+    # None => 2.5e-5 (openpi's fine-tuning rate) for pretrained-size presets, 1e-3 for `tiny`, which
+    # trains from scratch; decay_lr likewise defaults to a tenth of the peak.
+    optimizer_lr: float | None = None
     optimizer_betas: tuple[float, float] = (0.9, 0.95)
     optimizer_eps: float = 1e-8
     optimizer_weight_decay: float = 0.01
     optimizer_grad_clip_norm: float = 1.0
     scheduler_warmup_steps: int = 1_000
     scheduler_decay_steps: int = 30_000
-    scheduler_decay_lr: float = 2.5e-6
+    scheduler_decay_lr: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,6 +116,10 @@ class KIConfig(PreTrainedConfig):
             raise ValueError("flow_samples_per_backbone_pass must be >= 1")
         if self.max_fast_tokens < 2:
             raise ValueError("max_fast_tokens must leave room for at least one FAST token and EOS")
+        if self.optimizer_lr is None:
+            self.optimizer_lr = 1e-3 if self.paligemma_variant == "tiny" else 2.5e-5
+        if self.scheduler_decay_lr is None:
+            self.scheduler_decay_lr = self.optimizer_lr / 10
         if self.text_tokenizer is None:
             self.text_tokenizer = BYTE_TOKENIZER if self.paligemma_variant == "tiny" else PALIGEMMA_TOKENIZER
 

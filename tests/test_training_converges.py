@@ -25,7 +25,7 @@ def _sampled_action_mse(policy, batches) -> float:
 
 def test_losses_fall_and_sampled_actions_improve(tmp_path):
     root = tmp_path / "ds"
-    make_dataset(root, episodes=6, length=20)
+    make_dataset(root, episodes=3, length=16)  # one episode per task, 6 batches
     policy, pre, _, ds = build(root, seed=0)
     gen = torch.Generator().manual_seed(0)
     # Preprocess every frame once: the loop then measures learning, not data loading.
@@ -52,16 +52,17 @@ def test_losses_fall_and_sampled_actions_improve(tmp_path):
 
     ce_start, ce_end = avg("loss_fast_ce", history[:10]), avg("loss_fast_ce", history[-30:])
     flow_start, flow_end = avg("loss_flow", history[:10]), avg("loss_flow", history[-30:])
-    # Thresholds. CE starts near ln(vocab) (~6.2 for 260 + 256 ids: a uniform guess). The dataset has 120
-    # chunks from three smooth task-specific families, so their FAST tokens are largely predictable
-    # from the prompt: a model that learned anything must be far below a uniform guess. We ask for a
-    # third of the start (an untrained-but-calibrated unigram model sits near ln(used ids) ~ 4).
+    # Thresholds. CE starts near ln(vocab) (~6.2 for 260 + 256 ids: a uniform guess). The 48 chunks come
+    # from three smooth task-specific families, so their FAST tokens are predictable from the prompt: a
+    # model that learned anything sits far below a uniform guess (a unigram model over the ids in use
+    # is near ln(#ids) ~ 4). A third of the start requires conditioning on the prompt.
     assert ce_end < ce_start / 3, (ce_start, ce_end)
-    assert avg("fast_token_acc", history[-30:]) > 0.3
-    # Flow loss starts near E|eps - a|^2 ~ 1 + E[a^2] ~ 1.5; predicting only E[u|x_t] of a blind model
-    # leaves ~1. Half the start is out of reach without reading the observation through the K/V.
+    assert avg("fast_token_acc", history[-30:]) > 0.5
+    # Flow loss starts near E|eps - a|^2 + init error ~ 2.4; a blind expert that predicts E[u | x_t]
+    # without reading the observation plateaus near ~0.8 (measured); half the start needs progress.
     assert flow_end < flow_start / 2, (flow_start, flow_end)
-    # Sampled chunks (10 Euler steps) beat both the untrained sampler and the trivial "predict the
-    # mean action" baseline, whose MSE is the action variance.
+    # Sampled chunks (10 Euler steps): much better than the untrained sampler, and better than the mean
+    # action (MSE = action variance), which a sampler that ignores the observation cannot beat (drawing
+    # from the marginal gives 2x the variance).
     assert mse_after < mse_before / 3, (mse_before, mse_after)
-    assert mse_after < 0.5 * action_var, (mse_after, action_var)
+    assert mse_after < action_var, (mse_after, action_var)
