@@ -24,6 +24,11 @@ class KIConfig(PreTrainedConfig):
     action_expert_variant: str = "gemma_300m"
     dtype: str = "float32"  # "float32" | "bfloat16" (norms and the vision tower stay float32)
     image_resolution: tuple[int, int] = (224, 224)
+    # Load the PaliGemma backbone weights (the transformers checkpoint of google/paligemma-3b-pt-224: a
+    # local dir or the Hub id) when the policy is built; the expert stays freshly initialised. Ignored
+    # when a ki_vla checkpoint is loaded (its weights replace them). To start from pi05 instead, pass
+    # --policy.pretrained_path=<pi05 checkpoint> (README "Starting from real weights").
+    paligemma_pretrained_path: str | None = None
     # Cameras the dataset lacks but the model expects (e.g. a pretrained 3-camera model on a 2-camera
     # robot) are fed as masked-out blank images.
     empty_cameras: int = 0

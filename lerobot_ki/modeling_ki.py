@@ -5,7 +5,6 @@ from __future__ import annotations
 import builtins
 import json
 import logging
-import os
 from collections import deque
 from pathlib import Path
 
@@ -29,6 +28,13 @@ from lerobot_ki.fast import FASTDecodeError, FASTTokenizer
 from lerobot_ki.fast_artifacts import fast_from_tensor, fast_to_tensor, resolve_fast_tokenizer
 from lerobot_ki.model_ki import KIModel
 from lerobot_ki.text_tokenizer import vocab_layout
+from lerobot_ki.weights import (
+    PI05_TYPE,
+    checkpoint_file,
+    ki_config_from_pi05,
+    load_paligemma_backbone,
+    load_pi05_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,8 @@ class KIPolicy(PreTrainedPolicy):
         blob = fast_to_tensor(fast) if fast is not None else torch.zeros(0, dtype=torch.uint8)
         self.register_buffer("fast_tokenizer_state", blob)
         self._fast = fast
+        if config.paligemma_pretrained_path and not kwargs.get("_weights_follow"):
+            logger.info(load_paligemma_backbone(self, config.paligemma_pretrained_path).summary())
         self.num_fast_decode_failures = 0
         self.model.to(config.device)
         self.reset()
@@ -73,16 +81,52 @@ class KIPolicy(PreTrainedPolicy):
         **kwargs,
     ) -> T:
         saved_type = _saved_policy_type(pretrained_name_or_path, kwargs)
+        if saved_type == PI05_TYPE:
+            return cls._start_from_pi05(pretrained_name_or_path, config, kwargs)
         if saved_type is not None and saved_type != cls.name:
             raise ValueError(
                 f"{pretrained_name_or_path} holds a '{saved_type}' policy, not '{cls.name}'. Load it with "
-                f"--policy.type={saved_type} / --policy.path, or start ki_vla from it with the weight-import "
-                "flags documented in the README."
+                f"--policy.type={saved_type} / --policy.path. ki_vla starts from pi05 checkpoints "
+                "(--policy.pretrained_path) or PaliGemma (--policy.paligemma_pretrained_path): README, "
+                "'Starting from real weights'."
             )
         kwargs.pop("_weights_follow", None)
         return super().from_pretrained(
             pretrained_name_or_path, config=config, strict=strict, _weights_follow=True, **kwargs
         )
+
+    @classmethod
+    def _start_from_pi05(cls, source: str | Path, config: KIConfig | None, kwargs: dict) -> KIPolicy:
+        """A new ki_vla with a pi05 checkpoint's weights: same module tree, plus what KI adds (the FAST
+        tokenizer, fitted on the dataset as for a fresh policy). `config` is the CLI's KIConfig
+        (lerobot-train passes it, with pretrained_path = `source`); None derives one from pi05's config."""
+        revision = kwargs.get("revision")
+        if config is None:
+            config = ki_config_from_pi05(source, revision)
+        if config.paligemma_pretrained_path:
+            raise ValueError(
+                "A pi05 checkpoint already holds a PaliGemma backbone: drop "
+                "--policy.paligemma_pretrained_path or --policy.pretrained_path."
+            )
+        if config.pretrained_path is not None and str(config.pretrained_path) == str(source):
+            # lerobot-train loads the processors from pretrained_path, and a pi05 checkpoint's are pi05's
+            # (no FAST step, no FAST tokenizer, a Hub tokenizer). Cleared, it builds ki_vla's from the
+            # dataset instead. The source stays in `name_or_path` (PEFT's base model) and in the log.
+            logger.info("pretrained_path cleared: ki_vla's processors are built from the dataset.")
+            config.pretrained_path = None
+        policy = cls(config, dataset_stats=kwargs.get("dataset_stats"))
+        logger.info(load_pi05_weights(policy, source, revision=revision).summary())
+        policy.name_or_path = str(source)
+        policy.to(config.device)
+        policy.eval()
+        return policy
+
+    def _validate_peft_config(self, peft_config) -> None:
+        # Started from pi05, config.pretrained_path was cleared (see `_start_from_pi05`) yet the weights are
+        # pretrained; LeRobot's check would call this training from scratch.
+        if not self.config.pretrained_path and getattr(self, "name_or_path", None):
+            return
+        super()._validate_peft_config(peft_config)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The FAST tokenizer blob has the size of the saved tokenizer, not of the empty placeholder.
@@ -275,15 +319,9 @@ class KIPolicy(PreTrainedPolicy):
 
 
 def _saved_policy_type(path: str | Path, kwargs: dict) -> str | None:
-    """The `type` in a checkpoint's config.json, if it can be read (local dir or Hub cache)."""
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file() and not os.path.isdir(path):
-        try:
-            from huggingface_hub import hf_hub_download
-
-            cfg_file = Path(hf_hub_download(str(path), "config.json", revision=kwargs.get("revision")))
-        except Exception:
-            return None
-    if not cfg_file.is_file():
+    """The `type` in a checkpoint's config.json, if it has one (local dir or Hub). An unreachable Hub is
+    one clear line here rather than a confusing error later."""
+    cfg_file = checkpoint_file(path, "config.json", kwargs.get("revision"), optional=True)
+    if cfg_file is None:
         return None
-    return json.loads(cfg_file.read_text()).get("type")
+    return json.loads(Path(cfg_file).read_text()).get("type")

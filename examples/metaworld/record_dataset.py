@@ -387,11 +387,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tasks", default=",".join(DEFAULT_TASKS), help="comma list of tasks or difficulty groups"
     )
     p.add_argument("--episodes-per-task", type=int, default=20)
-    p.add_argument("--max-steps", type=int, default=None, help="per-episode cap (default: LeRobot's 500)")
+    p.add_argument("--max-steps", type=int, default=None, help="per-episode cap; None = LeRobot's 500")
     p.add_argument("--seed", type=int, default=0, help="episode k of each task is reset with seed+k")
     p.add_argument("--root", default="data/metaworld_expert", help="output dataset directory")
     p.add_argument("--repo-id", default=DEFAULT_REPO_ID, help="local dataset name (never pushed)")
-    p.add_argument("--fps", type=int, default=None, help="dataset fps (default: LeRobot env fps, 80)")
+    p.add_argument("--fps", type=int, default=None, help="dataset fps; None = LeRobot env fps (80)")
     p.add_argument("--keep-failed", action="store_true", help="also keep episodes the expert failed")
     p.add_argument(
         "--max-attempts-factor",
