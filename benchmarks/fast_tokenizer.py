@@ -70,7 +70,8 @@ def main() -> None:
     )
     print()
     print(
-        "| tokenizer | tokens/chunk mean | p99 | max | recon MAE | recon max abs | encode chunks/s | decode chunks/s |"
+        "| tokenizer | tokens/chunk mean | p99 | max | recon MAE | recon max abs "
+        "| encode chunks/s | decode chunks/s |"
     )
     print("|---|---|---|---|---|---|---|---|")
     print(

@@ -1,4 +1,4 @@
-"""`lerobot-ki-fit-fast`: fits from a LeRobot dataset, prints statistics, never overwrites a saved tokenizer."""
+"""`lerobot-ki-fit-fast`: fits from a LeRobot dataset, prints statistics, never overwrites its output."""
 
 from __future__ import annotations
 

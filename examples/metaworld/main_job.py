@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(data_dir, ignore_errors=True)
         run(
             [sys.executable, str(HERE / "record_dataset.py"), "--tasks", ",".join(tasks),
-             "--episodes-per-task", str(args.episodes_per_task), "--root", str(data_dir), "--repo-id", repo_id,
+             "--episodes-per-task", str(args.episodes_per_task), "--root", str(data_dir),
+             "--repo-id", repo_id,
              "--seed", str(args.seed), "--summary-json", str(summary_json), "--no-progress"],
             out / "record.log",
         )  # fmt: skip
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
          "--policy.max_state_dim=8", "--policy.max_action_dim=8",
          f"--policy.device={args.device}", "--policy.push_to_hub=false",
          f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--save_freq={args.steps}",
-         f"--log_freq={max(10, args.steps // 60)}", f"--num_workers={args.num_workers}", f"--seed={args.seed}",
+         f"--log_freq={max(10, args.steps // 60)}", f"--num_workers={args.num_workers}",
+         f"--seed={args.seed}",
          f"--output_dir={train_dir}", "--wandb.enable=false"],
         train_log,
     )  # fmt: skip
@@ -228,7 +230,8 @@ def _task_success(eval_info: dict, task: str) -> tuple[float, int]:
 
 def format_report(tasks, expert, eval_info, rows, times, args) -> str:
     lines = [
-        f"## ki_vla ({args.preset} preset) on Meta-World: {args.steps} training steps, batch {args.batch_size}",
+        f"## ki_vla ({args.preset} preset) on Meta-World: {args.steps} training steps, "
+        f"batch {args.batch_size}",
         "",
         "| task | ki_vla success | eval episodes | scripted expert success | demos |",
         "|---|---|---|---|---|",
@@ -245,7 +248,8 @@ def format_report(tasks, expert, eval_info, rows, times, args) -> str:
     if rows:
         first, last = rows[0], rows[-1]
         lines.append(
-            f"losses (step {first['step']:.0f} -> {last['step']:.0f}): FAST CE {first['loss_fast_ce']:.3f} -> "
+            f"losses (step {first['step']:.0f} -> {last['step']:.0f}): "
+            f"FAST CE {first['loss_fast_ce']:.3f} -> "
             f"{last['loss_fast_ce']:.3f}, flow MSE {first['loss_flow']:.3f} -> {last['loss_flow']:.3f}, "
             f"FAST token accuracy {last.get('fast_token_acc', float('nan')):.2f}"
         )
