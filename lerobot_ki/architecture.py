@@ -102,6 +102,6 @@ class KIPaliGemmaWithExpert(PaliGemmaWithExpertModel):
         return self.gemma_expert.model
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) -> (B, L, V) float32, with the LM head tied to the token embedding."""
+        """(B, L, D) -> (B, L, V) float32 logits of the PaliGemma LM head."""
         head = self.paligemma.lm_head
         return head(hidden.to(head.weight.dtype)).float()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lerobot_ki.configuration_ki import KIConfig
+from lerobot_ki.configuration_ki import PALIGEMMA_TOKENIZER, KIConfig
 from lerobot_ki.variants import PALIGEMMA_VOCAB_SIZE, VISION_VARIANTS
 
 if TYPE_CHECKING:
@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PI05_TYPE = "pi05"
-PI05_HUB_ID = "lerobot/pi05_base"
-PALIGEMMA_HUB_ID = "google/paligemma-3b-pt-224"
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
 
@@ -79,7 +77,7 @@ class WeightReport:
 
     source: str
     mapped: dict[str, str] = field(default_factory=dict)  # our key -> checkpoint key
-    renamed: dict[str, str] = field(default_factory=dict)  # checkpoint key -> our key (beyond prefixes)
+    renamed: dict[str, str] = field(default_factory=dict)  # checkpoint key -> our key, legacy name translated
     dropped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> why it is not loaded
     new: dict[str, str] = field(default_factory=dict)  # our key -> why it keeps its initialisation
     notes: list[str] = field(default_factory=list)  # ties and vocabulary trims, in words
@@ -448,7 +446,7 @@ def checkpoint_file(
     except Exception as e:
         gated = (
             " (gated: accept its license on huggingface.co and `hf auth login` first)"
-            if isinstance(e, GatedRepoError) or repo_id == PALIGEMMA_HUB_ID
+            if isinstance(e, GatedRepoError) or repo_id == PALIGEMMA_TOKENIZER
             else ""
         )
         raise HubUnavailableError(
