@@ -93,8 +93,9 @@ def _bin(name: str) -> str:
     return str(cand) if cand.exists() else name
 
 
-def parse_train_log(text: str) -> list[dict[str, float]]:
-    """The metrics lerobot-train logs every --log_freq steps (step, loss, loss_fast_ce, loss_flow, ...)."""
+def parse_train_log(text: str, log_freq: int) -> list[dict[str, float]]:
+    """The metrics lerobot-train logs every `log_freq` steps (loss, loss_fast_ce, loss_flow, ...). LeRobot
+    prints the step rounded ("1K" from 1000 on), so the step is recomputed from the line's position."""
     rows = []
     for line in text.splitlines():
         if "step:" not in line or "loss_flow:" not in line:
@@ -106,6 +107,7 @@ def parse_train_log(text: str) -> list[dict[str, float]]:
                 row[key] = float(value.rstrip("KMB")) * scale
             except ValueError:
                 continue
+        row["step"] = float(log_freq * (len(rows) + 1))
         rows.append(row)
     return rows
 
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     train_log = out / "train.log"
+    log_freq = max(10, args.steps // 60)
     run(
         [_bin("lerobot-train"), "--policy.type=ki_vla", *PRESETS[args.preset],
          f"--dataset.repo_id={repo_id}", f"--dataset.root={data_dir}",
@@ -185,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
          "--policy.max_state_dim=8", "--policy.max_action_dim=8",
          f"--policy.device={args.device}", "--policy.push_to_hub=false",
          f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--save_freq={args.steps}",
-         f"--log_freq={max(10, args.steps // 60)}", f"--num_workers={args.num_workers}",
+         f"--log_freq={log_freq}", f"--num_workers={args.num_workers}",
          f"--seed={args.seed}",
          f"--output_dir={train_dir}", "--wandb.enable=false"],
         train_log,
     )  # fmt: skip
     times["train (lerobot-train)"] = time.perf_counter() - t0
-    rows = parse_train_log(train_log.read_text(errors="replace"))
+    rows = parse_train_log(train_log.read_text(errors="replace"), log_freq)
     plot_losses(rows, out / "losses.png")
 
     t0 = time.perf_counter()
