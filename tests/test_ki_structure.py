@@ -163,3 +163,22 @@ def test_padding_is_excluded_from_the_flow_loss(dataset_root, monkeypatch):
     assert policy.forward(batch)[1]["loss_flow"] == 0.0
     batch["action_is_pad"][:, 6:] = False  # the same error on real steps is counted
     assert policy.forward(batch)[1]["loss_flow"] > 1.0
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dataset_root):
+    plain, pre, _, ds = build(dataset_root)
+    ckpt, _, _, _ = build(dataset_root, gradient_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.model.gradient_checkpointing_enabled and not plain.model.gradient_checkpointing_enabled
+    batch = batch_of(ds, pre, [1, 9, 17, 40])
+    grads = []
+    for policy in (plain, ckpt):
+        policy.train()
+        torch.manual_seed(7)
+        loss, _ = policy.forward(batch)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
+        grads[-1]["loss"] = loss.detach()
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
