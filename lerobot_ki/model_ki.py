@@ -208,11 +208,9 @@ class KIModel(PI05Pytorch):
         max_new_tokens: int,
         eos_id: int,
         allowed: tuple[int, int] | None = None,
-        temperature: float = 0.0,
-        generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Autoregressive decoding from the backbone with a KV cache. Returns (B, <=max_new_tokens) ids,
-        with `eos_id` after a sequence ended. `allowed` = [lo, hi) restricts sampling to that id range
+        """Greedy decoding from the backbone with a KV cache. Returns (B, <=max_new_tokens) ids,
+        with `eos_id` after a sequence ended. `allowed` = [lo, hi) restricts decoding to that id range
         (plus EOS), which is how FAST decoding keeps to FAST tokens."""
         bsz, n_prefix = prefix_pad.shape
         hidden, cache = self.prefill(prefix_embs, prefix_pad)
@@ -228,12 +226,9 @@ class KIModel(PI05Pytorch):
                 keep[:, allowed[0] : allowed[1]] = True
                 keep[:, eos_id] = True
                 logits = logits.masked_fill(~keep, float("-inf"))
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            else:
-                nxt = logits.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            nxt = torch.where(
+                done, torch.full_like(logits[:, 0], eos_id, dtype=torch.long), logits.argmax(-1)
+            )
             out.append(nxt)
             done |= nxt == eos_id
             if bool(done.all()):

@@ -63,11 +63,9 @@ class VocabLayout:
     fast_sign: int
     fast_vocab_size: int
 
-    def fast_to_lm(self, fast_ids: torch.Tensor) -> torch.Tensor:
-        return self.fast_offset + self.fast_sign * fast_ids
-
     def lm_to_fast(self, lm_ids: torch.Tensor) -> torch.Tensor:
-        """Inverse of `fast_to_lm`; ids outside the FAST range come back as -1."""
+        """LM ids -> FAST ids (the processor's FAST step applies the forward map); ids outside the FAST
+        range come back as -1."""
         fast = (lm_ids - self.fast_offset) * self.fast_sign
         return torch.where((fast >= 0) & (fast < self.fast_vocab_size), fast, torch.full_like(fast, -1))
 
@@ -115,9 +113,6 @@ class TextTokenizer:
             ids[i, : len(enc.ids)] = torch.tensor(enc.ids, dtype=torch.long)
             mask[i, : len(enc.ids)] = True
         return ids, mask
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # --- persistence ------------------------------------------------------------------------------
     def to_str(self) -> str:
