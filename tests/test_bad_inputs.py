@@ -161,3 +161,25 @@ def test_missing_weights_in_a_ki_checkpoint_are_an_error(setup, tmp_path):
     save_file(weights, tmp_path / "ckpt" / "model.safetensors")
     with pytest.raises(RuntimeError, match="action_out_proj"):
         KIPolicy.from_pretrained(tmp_path / "ckpt")
+
+
+def test_undecodable_fast_sequences_are_counted_or_raise(setup, caplog):
+    """An untrained backbone emits token sequences that do not decode to a (T, A) chunk: zero chunks
+    with a counted warning by default, an error past `fast_decode_max_failures`."""
+    from lerobot_ki.fast import FASTDecodeError
+
+    policy, pre, _, ds = setup
+    batch = pre(_obs(_raw(ds, (0, 1, 2, 3))))
+    policy.config.inference_mode = "fast"
+    policy.num_fast_decode_failures = 0
+    try:
+        with caplog.at_level(logging.WARNING):
+            chunk = policy.predict_action_chunk(batch)
+        failures = policy.num_fast_decode_failures
+        assert failures > 0 and "did not decode" in caplog.text
+        assert chunk.shape == (4, 10, 3) and torch.isfinite(chunk).all()
+        policy.config.fast_decode_max_failures = failures
+        with pytest.raises(FASTDecodeError, match="undecodable"):
+            policy.predict_action_chunk(batch)
+    finally:
+        policy.config.inference_mode, policy.config.fast_decode_max_failures = "flow", -1

@@ -66,3 +66,14 @@ def test_losses_fall_and_sampled_actions_improve(tmp_path):
     # from the marginal gives 2x the variance).
     assert mse_after < mse_before / 3, (mse_before, mse_after)
     assert mse_after < action_var, (mse_after, action_var)
+
+    # The discrete head decodes too (pi0-FAST style): the same trained backbone, actions from FAST tokens.
+    policy.config.inference_mode = "fast"
+    policy.eval()
+    fast_errs = []
+    for b in eval_batches:
+        pred = policy.predict_action_chunk(b)
+        fast_errs.append(((pred - b["action"]) ** 2).mean(-1)[~b["action_is_pad"]])
+    total = sum(len(b["action"]) for b in eval_batches)
+    assert policy.num_fast_decode_failures <= total // 4, policy.num_fast_decode_failures
+    assert torch.cat(fast_errs).mean().item() < action_var
