@@ -50,6 +50,9 @@ class KIConfig(PreTrainedConfig):
     flow_samples_per_backbone_pass: int = 1
     state_mode: str = "text"  # "text": 256-bin state in the prompt (pi0.5); "continuous": a state token
     inference_mode: str = "flow"  # "flow": prefill + Euler steps of the expert; "fast": AR FAST decode
+    # On CUDA, record flow inference (SigLIP + prefill + Euler steps) once per input shape as a CUDA
+    # graph and replay it: removes the kernel-launch gaps that dominate at batch 1. Not used with RTC.
+    cuda_graphs: bool = True
 
     # --- flow matching (openpi conventions) ---------------------------------------------------
     num_inference_steps: int = 10

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F  # noqa: N812
 from lerobot.policies.common.flow_matching import euler_integrate
-from lerobot.policies.common.vla_utils import make_att_2d_masks
+from lerobot.policies.common.vla_utils import create_sinusoidal_pos_embedding, make_att_2d_masks
 from lerobot.policies.pi05.modeling_pi05 import PI05Pytorch
 from torch import Tensor, nn
 
@@ -54,6 +54,22 @@ class KIModel(PI05Pytorch):
         self.gradient_checkpointing_enabled = False
 
     # --- the prefix: images + prompt (+ a continuous state token) ------------------------------------
+    def embed_prefix(
+        self, images: list[Tensor], img_masks: list[Tensor], tokens: Tensor, masks: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """pi05's prefix embedding (SigLIP tokens per camera, then the prompt), minus its attention
+        flags built from a Python list: that host->device copy cannot be captured in a CUDA graph. All
+        prefix tokens are bidirectional, so the flags are zeros. (B, Lp, D), (B, Lp), (B, Lp)."""
+        embs, pads = [], []
+        for img, img_mask in zip(images, img_masks, strict=True):
+            emb = self._apply_checkpoint(self.paligemma_with_expert.embed_image, img)  # (B, Ni, D)
+            embs.append(emb)
+            pads.append(img_mask[:, None].expand(emb.shape[:2]))
+        embs.append(self._apply_checkpoint(self.paligemma_with_expert.embed_language_tokens, tokens))
+        pads.append(masks)
+        pad = torch.cat(pads, dim=1)
+        return torch.cat(embs, dim=1), pad, torch.zeros_like(pad)
+
     def embed_prefix_with_state(
         self,
         images: list[Tensor],
@@ -98,6 +114,24 @@ class KIModel(PI05Pytorch):
         return self._backbone(embs, pad, torch.zeros_like(pad))
 
     # --- the expert ---------------------------------------------------------------------------------
+    def embed_suffix(self, noisy_actions: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """pi05's expert input: projected noisy actions (B, T, De) and the adaRMS time condition (B, De),
+        with every tensor made on the device (capturable in a CUDA graph)."""
+        time_emb = create_sinusoidal_pos_embedding(
+            timestep,
+            self.action_in_proj.out_features,
+            min_period=self.config.min_period,
+            max_period=self.config.max_period,
+            device=timestep.device,
+        ).to(timestep.dtype)  # (B, De)
+        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
+        action_emb = self.action_in_proj(noisy_actions)
+        bsz, horizon = action_emb.shape[:2]
+        pad = torch.ones(bsz, horizon, dtype=torch.bool, device=action_emb.device)
+        att = torch.zeros(bsz, horizon, dtype=action_emb.dtype, device=action_emb.device)
+        att[:, 0] = 1  # the expert tokens start a new block that the prefix does not see
+        return action_emb, pad, att, cond
+
     def velocity(self, prefix_kv: list[KV], prefix_pad: Tensor, x_t: Tensor, time: Tensor) -> Tensor:
         """Flow velocity v(x_t, t) (B, T, A) from the expert reading the prefix K/V (detached if KI)."""
         suffix_embs, _, _, cond = self.embed_suffix(x_t, time)  # (B, T, De), (B, De)
@@ -189,16 +223,36 @@ class KIModel(PI05Pytorch):
             shape = (bsz, self.config.chunk_size, self.config.max_action_dim)
             noise = self.sample_noise(shape, prefix_embs.device)
         _, prefix_kv = self.prefill(prefix_embs, prefix_pad)
-        return euler_integrate(
-            lambda x_t, time: self.velocity(prefix_kv, prefix_pad, x_t, time),
-            noise,
-            num_steps or self.config.num_inference_steps,
-            rtc_processor=self.rtc_processor,
-            rtc_enabled=self._rtc_enabled(),
-            inference_delay=rtc_kwargs.get("inference_delay"),
-            prev_chunk_left_over=rtc_kwargs.get("prev_chunk_left_over"),
-            execution_horizon=rtc_kwargs.get("execution_horizon"),
-        )
+        num_steps = num_steps or self.config.num_inference_steps
+
+        def velocity(x_t: Tensor, time: Tensor) -> Tensor:
+            return self.velocity(prefix_kv, prefix_pad, x_t, time)
+
+        rtc = self.rtc_processor
+        if self._rtc_enabled() or (
+            rtc is not None and rtc.is_debug_enabled()
+        ):  # LeRobot's loop owns the RTC guidance and its debug tracking
+            return euler_integrate(
+                velocity,
+                noise,
+                num_steps,
+                rtc_processor=self.rtc_processor,
+                rtc_enabled=self._rtc_enabled(),
+                inference_delay=rtc_kwargs.get("inference_delay"),
+                prev_chunk_left_over=rtc_kwargs.get("prev_chunk_left_over"),
+                execution_horizon=rtc_kwargs.get("execution_horizon"),
+            )
+        return euler_steps(velocity, noise, num_steps)
+
+    @torch.no_grad()
+    def sample_from_inputs(self, *inputs: Tensor, n_cameras: int, num_steps: int) -> Tensor:
+        """Observation -> chunk in one call with no host sync, the unit a CUDA graph records.
+        `inputs` = n_cameras images (B, 3, H, W) in [-1, 1], n_cameras masks (B,), prompt ids and mask
+        (B, L), state (B, S) or an empty tensor, noise (B, T, A)."""
+        images, img_masks = list(inputs[:n_cameras]), list(inputs[n_cameras : 2 * n_cameras])
+        tokens, masks, state, noise = inputs[2 * n_cameras :]
+        embs, pad = self.embed_prefix_with_state(images, img_masks, tokens, masks, state)
+        return self.sample_actions(embs, pad, noise=noise, num_steps=num_steps)
 
     @torch.no_grad()
     def generate(
@@ -240,3 +294,14 @@ class KIModel(PI05Pytorch):
             )
             cache_pad = torch.cat([cache_pad, step_pad], dim=1)
         return torch.stack(out, dim=1)
+
+
+def euler_steps(velocity, noise: Tensor, num_steps: int) -> Tensor:
+    """The forward-Euler schedule of LeRobot's `euler_integrate` (t = 1 + k*dt, dt = -1/num_steps) with
+    each step's time made on the device: no host->device copy per step, so the loop can be graphed."""
+    dt = -1.0 / num_steps
+    x_t = noise
+    for step in range(num_steps):
+        time = torch.full((noise.shape[0],), 1.0 + step * dt, dtype=torch.float32, device=noise.device)
+        x_t = x_t + dt * velocity(x_t, time)
+    return x_t

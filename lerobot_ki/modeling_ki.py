@@ -24,6 +24,7 @@ from lerobot.utils.constants import (
 from torch import Tensor
 
 from lerobot_ki.configuration_ki import KIConfig
+from lerobot_ki.cuda_graphs import CUDAGraphCache
 from lerobot_ki.fast import FASTDecodeError, FASTTokenizer
 from lerobot_ki.fast_artifacts import fast_from_tensor, fast_to_tensor, resolve_fast_tokenizer
 from lerobot_ki.model_ki import KIModel
@@ -39,6 +40,7 @@ from lerobot_ki.weights import (
 logger = logging.getLogger(__name__)
 
 EMPTY_CAMERA = "empty_camera_"
+PROMPT_LENGTH_MULTIPLE = 16
 
 
 class KIPolicy(PreTrainedPolicy):
@@ -52,6 +54,7 @@ class KIPolicy(PreTrainedPolicy):
 
     def __init__(self, config: KIConfig, dataset_stats: dict | None = None, **kwargs):
         super().__init__(config)
+        self._graphs: CUDAGraphCache | None = None
         config.validate_features()
         self.config = config
         self.layout = vocab_layout(config.text_tokenizer, config.fast_vocab_size)
@@ -196,19 +199,27 @@ class KIPolicy(PreTrainedPolicy):
             masks.append(torch.ones(img.shape[0], dtype=torch.bool, device=img.device))
         return images, masks
 
-    def _prefix(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def _model_inputs(
+        self, batch: dict[str, Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor, Tensor]:
+        """Checked images and masks per camera, the prompt without its all-padding tail, and the state
+        (B, max_state_dim) for state_mode=continuous, else an empty (B, 0) tensor."""
         if OBS_LANGUAGE_TOKENS not in batch:
             raise ValueError(
                 "The batch has no prompt tokens: run it through the ki_vla preprocessor "
                 "(make_pre_post_processors / the policy_preprocessor saved with the checkpoint)."
             )
         images, img_masks = self._preprocess_images(batch)
-        state = None
+        tokens, masks = trim_prompt_padding(batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK])
         if self.config.state_mode == "continuous":
             state = pad_vector(batch[OBS_STATE], self.config.max_state_dim)
-        return self.model.embed_prefix_with_state(
-            images, img_masks, batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK].bool(), state
-        )
+        else:
+            state = tokens.new_zeros(tokens.shape[0], 0, dtype=torch.float32)
+        return images, img_masks, tokens, masks, state
+
+    def _prefix(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        images, img_masks, tokens, masks, state = self._model_inputs(batch)
+        return self.model.embed_prefix_with_state(images, img_masks, tokens, masks, state)
 
     def _check_actions(self, batch: dict[str, Tensor]) -> Tensor:
         actions = batch[ACTION]
@@ -270,18 +281,51 @@ class KIPolicy(PreTrainedPolicy):
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], **kwargs) -> Tensor:
         """Normalized actions (B, chunk_size, action_dim)."""
-        self.eval()
-        prefix_embs, prefix_pad = self._prefix(batch)
+        if self.training:
+            self.eval()
         if self.config.inference_mode == "fast":
             if self._rtc_enabled():
                 raise ValueError(
                     "RTC guides a flow sampler; inference_mode=fast decodes tokens. Use "
                     "--policy.inference_mode=flow with --inference.type=rtc."
                 )
-            actions = self._decode_fast(prefix_embs, prefix_pad)
+            actions = self._decode_fast(*self._prefix(batch))
         else:
-            actions = self.model.sample_actions(prefix_embs, prefix_pad, **kwargs)
+            actions = self._sample_flow(batch, **kwargs)
         return actions[:, :, : self.config.output_features[ACTION].shape[0]]
+
+    def _sample_flow(self, batch: dict[str, Tensor], noise: Tensor | None = None, **rtc_kwargs) -> Tensor:
+        images, img_masks, tokens, masks, state = self._model_inputs(batch)
+        if noise is None:
+            shape = (tokens.shape[0], self.config.chunk_size, self.config.max_action_dim)
+            noise = self.model.sample_noise(shape, tokens.device)
+        inputs = (*images, *img_masks, tokens, masks, state, noise)
+        if self._can_graph(tokens):
+            if self._graphs is None:
+                self._graphs = CUDAGraphCache(self._graphable_sample)
+            return self._graphs(*inputs)
+        prefix_embs, prefix_pad = self.model.embed_prefix_with_state(images, img_masks, tokens, masks, state)
+        return self.model.sample_actions(prefix_embs, prefix_pad, noise=noise, **rtc_kwargs)
+
+    def _graphable_sample(self, *inputs: Tensor) -> Tensor:
+        n_cameras = (len(inputs) - 4) // 2
+        return self.model.sample_from_inputs(
+            *inputs, n_cameras=n_cameras, num_steps=self.config.num_inference_steps
+        )
+
+    def train(self, mode: bool = True) -> KIPolicy:
+        if mode != self.training:  # a training phase may replace weights: record the graphs again
+            self._graphs = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._graphs = None  # .to()/.cuda()/.half() make new tensors; recorded graphs read the old ones
+        return super()._apply(fn, *args, **kwargs)
+
+    def _can_graph(self, tokens: Tensor) -> bool:
+        rtc = self.rtc_processor
+        guided = self._rtc_enabled() or (rtc is not None and rtc.is_debug_enabled())
+        return self.config.cuda_graphs and tokens.is_cuda and not guided
 
     def _decode_fast(self, prefix_embs: Tensor, prefix_pad: Tensor) -> Tensor:
         """pi0-FAST style: the backbone decodes FAST tokens, the tokenizer turns them into actions. A
@@ -316,6 +360,18 @@ class KIPolicy(PreTrainedPolicy):
                     f"{self.num_fast_decode_failures} undecodable FAST sequences (limit {limit})."
                 )
         return pad_vector(actions.float(), self.config.max_action_dim)
+
+
+def trim_prompt_padding(tokens: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Drops the prompt columns after the last valid token of the batch (LeRobot's processors pad every
+    prompt to tokenizer_max_length: 200 positions for a prompt of ~30 tokens). Padding is masked out, so
+    the result is unchanged; the prefill and every training step just skip it. The kept length is
+    rounded up to a multiple of PROMPT_LENGTH_MULTIPLE so that CUDA graphs see few distinct shapes."""
+    masks = masks.bool()
+    valid_cols = masks.any(dim=0).nonzero()
+    keep = int(valid_cols.max()) + 1 if valid_cols.numel() else 1  # one host sync per call
+    keep = min(tokens.shape[1], -(-keep // PROMPT_LENGTH_MULTIPLE) * PROMPT_LENGTH_MULTIPLE)
+    return tokens[:, :keep], masks[:, :keep]
 
 
 def _saved_policy_type(path: str | Path, kwargs: dict) -> str | None:
