@@ -1,0 +1,478 @@
+"""ki_vla against LeRobot's pi05 and pi0_fast, same size and same inputs, in one run: inference latency per
+action chunk (batch 1; 1, 2, 3 cameras), training step time (forward + backward + AdamW) and peak memory
+(batch 8 and 32). Medians over repeats after warm-up. Prints a markdown table; `--json` keeps the numbers.
+
+    # GPU, full size (PaliGemma 3B + Gemma 300M expert), bf16
+    HF_HUB_OFFLINE=1 python benchmarks/vs_pi05_pi0fast.py --size full --device cuda
+    # CPU: real widths, fewer layers (see SIZES), small images
+    HF_HUB_OFFLINE=1 python benchmarks/vs_pi05_pi0fast.py --size cpu
+
+What is held equal: the backbone and expert sizes (LeRobot's pi05 only builds with a 2048-wide backbone, so
+the CPU size patches `get_gemma_config` in pi05, pi0_fast and ki_vla alike to fewer layers of the real
+widths), dtype, images, prompt (padded to 200 tokens, as all three processors do), 10 flow steps, chunk 50.
+The peers run as LeRobot runs them; nothing in LeRobot's files is modified. pi0_fast cannot be built
+offline (its constructor downloads the FAST and PaliGemma tokenizers), so it is handed local stand-ins
+(`_LocalTokenizers`); its decoding is timed for exactly `--fast-tokens` greedy tokens (the stand-in's
+end-of-action id never matches) and its detokenisation (a CPU step) is not timed. Its training batch
+carries FAST tokens padded to its `max_action_tokens` (256), as its processor makes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+
+import torch
+from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.policies.pi0_fast import modeling_pi0_fast
+from lerobot.policies.pi0_fast.configuration_pi0_fast import PI0FastConfig
+from lerobot.policies.pi05 import modeling_pi05
+from lerobot.policies.pi05.configuration_pi05 import PI05Config
+from lerobot.utils.constants import (
+    ACTION,
+    ACTION_TOKEN_MASK,
+    ACTION_TOKENS,
+    OBS_LANGUAGE_ATTENTION_MASK,
+    OBS_LANGUAGE_TOKENS,
+    OBS_STATE,
+)
+from transformers.models.auto import CONFIG_MAPPING
+
+from lerobot_ki import modeling_ki, variants
+from lerobot_ki.configuration_ki import PALIGEMMA_TOKENIZER, KIConfig
+from lerobot_ki.modeling_ki import KIPolicy
+
+STATE_DIM, ACTION_DIM, CHUNK, PROMPT_LEN, PROMPT_VALID = 8, 7, 50, 200, 48
+CAMERAS = [f"observation.images.cam{i}" for i in range(3)]
+
+
+@dataclass
+class Size:
+    depth: int | None  # None: the real 18 layers
+    resolution: int
+    frozen_embeddings: bool  # token embedding + LM head frozen in all three (CPU memory)
+    note: str
+
+
+SIZES = {
+    "full": Size(None, 224, False, "full size: PaliGemma 3B (SigLIP So400m + Gemma 2B) + Gemma 300M expert"),
+    "cpu": Size(
+        1,
+        224,  # pi0_fast's SigLIP is fixed at 224 px
+        True,
+        "real widths, 1 layer per tower (Gemma 2048 backbone, 1024 expert, SigLIP 1152, 257k vocab), "
+        "224 px; vision tower, token embedding and LM head frozen in all three so AdamW fits in 24 GB",
+    ),
+}
+
+
+def patch_depth(depth: int | None) -> None:
+    """Fewer layers of the real widths in all three policies, SigLIP included. LeRobot's pi05/pi0_fast only
+    know the real sizes: for this process we replace their `get_gemma_config` and the PaliGemma config
+    class they instantiate (SigLIP's depth comes from its defaults), never their files."""
+    if depth is None:
+        return
+    for module in (modeling_pi05, modeling_pi0_fast):
+        real = module.get_gemma_config
+
+        def shallow(name, _real=real, _cls=module.GemmaConfig):
+            cfg = _real(name)
+            return _cls(cfg.width, depth, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+
+        module.get_gemma_config = shallow
+    base = CONFIG_MAPPING["paligemma"]
+
+    class ShallowSiglipPaliGemmaConfig(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.vision_config.num_hidden_layers = depth
+
+    CONFIG_MAPPING.register("paligemma", ShallowSiglipPaliGemmaConfig, exist_ok=True)
+    for table in (variants.BACKBONE_VARIANTS, variants.EXPERT_VARIANTS):
+        for name in set(table) & {"gemma_2b", "gemma_300m"}:
+            table[name] = variants.GemmaSize(**{**vars(table[name]), "depth": depth})
+    for name in ("gemma_2b", "gemma_300m"):
+        variants.VISION_VARIANTS[name] = variants.SiglipSize(
+            **{**vars(variants.VISION_VARIANTS[name]), "num_layers": depth}
+        )
+
+
+class _LocalTokenizers:
+    """Offline stand-ins for the two tokenizers pi0_fast's constructor downloads. Inference timing only
+    needs the BOS id and an end-of-action id (-1: never produced, so decoding runs `--fast-tokens` steps)."""
+
+    bos_token_id = 2
+    vocab_size = 257_152
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        return cls()
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return -1
+
+
+def _features(cfg, n_cams: int, res: int):
+    cfg.input_features = {cam: PolicyFeature(FeatureType.VISUAL, (3, res, res)) for cam in CAMERAS[:n_cams]}
+    cfg.input_features[OBS_STATE] = PolicyFeature(FeatureType.STATE, (STATE_DIM,))
+    cfg.output_features = {ACTION: PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))}
+    return cfg
+
+
+def build(name: str, size: Size, dtype: str, device: str, **ki_overrides):
+    common = dict(
+        image_resolution=(size.resolution, size.resolution),
+        chunk_size=CHUNK,
+        n_action_steps=CHUNK,
+        dtype=dtype,
+        device=device,
+    )
+    if name == "ki_vla":
+        cfg = KIConfig(text_tokenizer=PALIGEMMA_TOKENIZER, **common, **ki_overrides)
+        cls = KIPolicy
+    elif name == "pi05":
+        cfg, cls = PI05Config(**common), modeling_pi05.PI05Policy
+    else:
+        modeling_pi0_fast.AutoProcessor = modeling_pi0_fast.AutoTokenizer = _LocalTokenizers
+        cfg, cls = PI0FastConfig(**common), modeling_pi0_fast.PI0FastPolicy
+    _features(cfg, 3, size.resolution)
+    with torch.device(device):  # built on the device: no 4B-parameter copy from the host
+        policy = cls(cfg)
+    if size.frozen_embeddings:
+        paligemma = policy.model.paligemma_with_expert.paligemma
+        for mod in (
+            paligemma.lm_head,
+            paligemma.model.language_model.embed_tokens,
+            paligemma.model.vision_tower,
+        ):
+            mod.requires_grad_(False)
+    return policy
+
+
+def use_cameras(policy, n_cams: int, res: int) -> None:
+    _features(policy.config, n_cams, res)
+
+
+def make_batch(name: str, policy, bsz: int, n_cams: int, res: int, fast_tokens: int, device: str) -> dict:
+    g = torch.Generator().manual_seed(bsz * 10 + n_cams)
+    batch = {cam: torch.rand(bsz, 3, res, res, generator=g) for cam in CAMERAS[:n_cams]}
+    batch[OBS_STATE] = torch.rand(bsz, STATE_DIM, generator=g) * 2 - 1
+    ids = torch.randint(3, 200_000, (bsz, PROMPT_LEN), generator=g)
+    mask = torch.zeros(bsz, PROMPT_LEN, dtype=torch.bool)
+    mask[:, :PROMPT_VALID] = True
+    ids[~mask] = 0
+    batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK] = ids, mask
+    batch[ACTION] = torch.rand(bsz, CHUNK, ACTION_DIM, generator=g) * 2 - 1
+    batch[f"{ACTION}_is_pad"] = torch.zeros(bsz, CHUNK, dtype=torch.bool)
+    if name == "ki_vla":
+        lo, hi = policy.layout.fast_lm_range()
+        n_slots = policy.config.max_fast_tokens
+    else:  # pi0_fast's processor pads the FAST ids to max_action_tokens
+        lo, hi = 257_152 - 128 - 2048, 257_152 - 128
+        n_slots = getattr(policy.config, "max_action_tokens", 0)
+    if n_slots:
+        fast = torch.randint(lo, hi, (bsz, n_slots), generator=g)
+        fmask = torch.zeros(bsz, n_slots, dtype=torch.bool)
+        fmask[:, : fast_tokens + 1] = True  # + the end-of-action token
+        batch[ACTION_TOKENS], batch[ACTION_TOKEN_MASK] = fast, fmask
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), times
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: resets VmHWM (the peak resident set) of this process
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    with open("/proc/self/status") as f:
+        hwm = [line for line in f if line.startswith("VmHWM")]
+    return int(hwm[0].split()[1]) / 2**20 if hwm else float("nan")
+
+
+def inference_fn(name: str, policy, batch: dict, fast_tokens: int) -> Callable[[], torch.Tensor]:
+    if name != "pi0_fast":
+        return lambda: policy.predict_action_chunk(batch)
+
+    def decode() -> torch.Tensor:
+        images, img_masks = policy._preprocess_images(batch)
+        return policy.model.sample_actions_fast_kv_cache(
+            images,
+            img_masks,
+            batch[OBS_LANGUAGE_TOKENS],
+            batch[OBS_LANGUAGE_ATTENTION_MASK],
+            max_decoding_steps=fast_tokens,
+            temperature=0.0,
+        )
+
+    return torch.no_grad()(decode)
+
+
+def train_step_fn(policy, batch: dict) -> Callable[[], None]:
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6, fused=params[0].is_cuda)
+
+    def step() -> None:
+        loss, _ = policy.forward(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+@dataclass
+class Results:
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+        print(
+            "  " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+            flush=True,
+        )
+
+    def get(self, policy: str, kind: str, key) -> dict | None:
+        return next(
+            (r for r in self.rows if r["policy"] == policy and r["kind"] == kind and r["key"] == key), None
+        )
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_policy(name, label, args, size, res: Results, inference=True, train=True, **overrides) -> None:
+    print(f"== {label}", flush=True)
+    policy = build(name, size, args.dtype, args.device, **overrides)
+    if inference:
+        policy.eval()
+        for n_cams in args.cameras:
+            use_cameras(policy, n_cams, size.resolution)
+            batch = make_batch(name, policy, 1, n_cams, size.resolution, args.fast_tokens, args.device)
+            with torch.no_grad():
+                fn = inference_fn(name, policy, batch, args.fast_tokens)
+                med, times = median_ms(fn, args.device, args.warmup, args.repeats)
+            res.add(policy=label, kind="infer", key=n_cams, ms=med, spread=max(times) - min(times))
+        if name == "ki_vla" and args.device == "cuda" and policy.config.cuda_graphs:
+            check_graph_against_eager(policy, size, args)
+    if train:
+        use_cameras(policy, args.train_cameras, size.resolution)
+        policy.train()
+        for bsz in args.train_batches:
+            batch = make_batch(
+                name, policy, bsz, args.train_cameras, size.resolution, args.fast_tokens, args.device
+            )
+            label_b = label
+            for attempt in ("plain", "checkpointing"):
+                try:
+                    step = train_step_fn(policy, batch)
+                    reset_peak(args.device)
+                    med, times = median_ms(step, args.device, args.train_warmup, args.train_repeats)
+                    res.add(
+                        policy=label_b,
+                        kind="train",
+                        key=bsz,
+                        ms=med,
+                        spread=max(times) - min(times),
+                        peak_gib=peak_gib(args.device),
+                    )
+                    break
+                except torch.OutOfMemoryError:
+                    step = None
+                    policy.zero_grad(set_to_none=True)
+                    free(args.device)
+                    if attempt == "checkpointing":
+                        res.add(
+                            policy=label_b,
+                            kind="train",
+                            key=bsz,
+                            ms=float("nan"),
+                            spread=0.0,
+                            peak_gib=float("inf"),
+                        )
+                    else:  # all three policies offer gradient checkpointing; say that it was needed
+                        print(f"  batch {bsz}: out of memory; again with gradient checkpointing", flush=True)
+                        policy.model.gradient_checkpointing_enable()
+                        res.add(policy=label_b, kind="note", key=bsz, ms=float("nan"), spread=0.0)
+            if getattr(policy.model, "gradient_checkpointing_enabled", False):
+                policy.model.gradient_checkpointing_disable()
+            del batch
+            step = None
+            free(args.device)
+    del policy
+    free(args.device)
+
+
+def check_graph_against_eager(policy, size: Size, args) -> None:
+    """The CUDA-graph replay must compute what the eager sampler computes (same noise)."""
+    use_cameras(policy, 2, size.resolution)
+    batch = make_batch("ki_vla", policy, 1, 2, size.resolution, args.fast_tokens, args.device)
+    noise = torch.randn(1, CHUNK, policy.config.max_action_dim, device=args.device)
+    with torch.no_grad():
+        graphed = policy.predict_action_chunk(batch, noise=noise.clone())
+        policy.config.cuda_graphs = False
+        eager = policy.predict_action_chunk(batch, noise=noise.clone())
+        policy.config.cuda_graphs = True
+    err = ((graphed - eager).norm() / eager.norm()).item()
+    print(f"  graph vs eager: relative error {err:.2e}", flush=True)
+    if not err < 1e-2:
+        raise SystemExit(f"CUDA-graph path differs from the eager path (relative error {err:.3g})")
+
+
+def table(res: Results, args, size: Size) -> str:
+    peers = ("pi05", "pi0_fast")
+    lines = [
+        f"device: {args.device_name}; dtype {args.dtype}; {size.note}; date {date.today()}",
+        f"command: {' '.join(sys.argv)}",
+        "",
+        "| inference, batch 1 | "
+        + " | ".join(f"{c} cam ms" for c in args.cameras)
+        + " | "
+        + " | ".join(f"{c} cam ratio to pi05 / pi0_fast" for c in args.cameras)
+        + " |",
+        "|---" * (1 + 2 * len(args.cameras)) + "|",
+    ]
+    labels = list(dict.fromkeys(r["policy"] for r in res.rows))
+    for label in labels:
+        cells, ratios = [], []
+        for c in args.cameras:
+            r = res.get(label, "infer", c)
+            cells.append(f"{r['ms']:.1f}" if r else "-")
+            refs = [res.get(p, "infer", c) for p in peers]
+            ratios.append(" / ".join(f"{r['ms'] / ref['ms']:.2f}x" if r and ref else "-" for ref in refs))
+        if any(c != "-" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    lines += [
+        "",
+        f"| training step, {args.train_cameras} cameras | "
+        + " | ".join(
+            f"batch {b} ms | batch {b} peak GiB | batch {b} ratio to pi05" for b in args.train_batches
+        )
+        + " |",
+        "|---" * (1 + 3 * len(args.train_batches)) + "|",
+    ]
+    for label in labels:
+        cells = []
+        for b in args.train_batches:
+            r, ref = res.get(label, "train", b), res.get("pi05", "train", b)
+            if r is None:
+                cells += ["-", "-", "-"]
+                continue
+            ratio = f"{r['ms'] / ref['ms']:.2f}x" if ref and ref["ms"] == ref["ms"] else "-"
+            ckpt = " (grad. ckpt)" if res.get(label, "note", b) else ""
+            cells += [f"{r['ms']:.0f}{ckpt}" if r["ms"] == r["ms"] else "OOM", f"{r['peak_gib']:.1f}", ratio]
+        if any(c != "-" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="full" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--cameras", default="1,2,3")
+    ap.add_argument("--train-batches", default="8,32")
+    ap.add_argument("--train-cameras", type=int, default=2)
+    ap.add_argument("--fast-tokens", type=int, default=50, help="tokens pi0_fast decodes per chunk")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--train-warmup", type=int, default=None)
+    ap.add_argument("--train-repeats", type=int, default=None)
+    ap.add_argument("--policies", default="ki_vla,pi05,pi0_fast")
+    ap.add_argument("--ki-variants", default="all", help="'all' or 'final': the optimisation steps of ki_vla")
+    ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--json", default=None, help="write every measurement here")
+    args = ap.parse_args()
+    gpu = args.device == "cuda"
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.cameras = [int(c) for c in args.cameras.split(",")]
+    args.train_batches = [] if args.no_train else [int(b) for b in args.train_batches.split(",")]
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    args.repeats = args.repeats if args.repeats is not None else (10 if gpu else 3)
+    args.train_warmup = args.train_warmup if args.train_warmup is not None else (2 if gpu else 1)
+    args.train_repeats = args.train_repeats if args.train_repeats is not None else (5 if gpu else 2)
+    args.device_name = torch.cuda.get_device_name() if gpu else f"CPU {platform.processor() or 'x86_64'}"
+    if not gpu:
+        args.device_name += f", {torch.get_num_threads()} threads"
+    size = SIZES[args.size]
+    patch_depth(size.depth)
+    torch.manual_seed(0)
+    res = Results()
+    wanted = args.policies.split(",")
+    real_trim = modeling_ki.trim_prompt_padding
+    if "ki_vla" in wanted:
+        steps = [("ki_vla", {}, {})]
+        if args.ki_variants == "all":
+            # Each optimisation measured on its own, in the order they were made.
+            steps = [
+                ("ki_vla (eager, full prompt padding)", {"cuda_graphs": False}, {"trim": False}),
+                ("ki_vla (eager, prompt padding trimmed)", {"cuda_graphs": False}, {}),
+            ] + ([("ki_vla (+ CUDA graph)", {}, {"train": False})] if gpu else [])
+        for label, overrides, opts in steps:
+            modeling_ki.trim_prompt_padding = real_trim if opts.get("trim", True) else _no_trim
+            train = bool(args.train_batches) and opts.get("train", True)
+            run_policy("ki_vla", label, args, size, res, train=train, **overrides)
+        modeling_ki.trim_prompt_padding = real_trim
+        if args.ki_variants == "all" and args.train_batches:
+            run_policy(
+                "ki_vla",
+                "ki_vla (4 flow samples per backbone pass)",
+                args,
+                size,
+                res,
+                inference=False,
+                flow_samples_per_backbone_pass=4,
+            )
+    for name in ("pi05", "pi0_fast"):
+        if name in wanted:
+            run_policy(name, name, args, size, res, train=bool(args.train_batches))
+    print()
+    print(table(res, args, size))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items()}, "rows": res.rows}, f, indent=1)
+
+
+def _no_trim(tokens: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tokens, masks.bool()
+
+
+if __name__ == "__main__":
+    main()
