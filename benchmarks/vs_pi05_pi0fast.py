@@ -26,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
@@ -448,10 +449,11 @@ def main() -> None:
         for label, overrides, opts in steps:
             modeling_ki.trim_prompt_padding = real_trim if opts.get("trim", True) else _no_trim
             train = bool(args.train_batches) and opts.get("train", True)
-            run_policy("ki_vla", label, args, size, res, train=train, **overrides)
+            guarded(run_policy, "ki_vla", label, args, size, res, train=train, **overrides)
         modeling_ki.trim_prompt_padding = real_trim
         if args.ki_variants == "all" and args.train_batches:
-            run_policy(
+            guarded(
+                run_policy,
                 "ki_vla",
                 "ki_vla (4 flow samples per backbone pass)",
                 args,
@@ -462,12 +464,22 @@ def main() -> None:
             )
     for name in ("pi05", "pi0_fast"):
         if name in wanted:
-            run_policy(name, name, args, size, res, train=bool(args.train_batches))
+            guarded(run_policy, name, name, args, size, res, train=bool(args.train_batches))
     print()
     print(table(res, args, size))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items()}, "rows": res.rows}, f, indent=1)
+
+
+def guarded(fn, name, label, args, *rest, **kwargs) -> None:
+    """One policy failing (a capture error, say) must not cost the other measurements of a GPU lease."""
+    try:
+        fn(name, label, args, *rest, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        print(f"!! {label} failed: {type(e).__name__}: {e}", flush=True)
+        free(args.device)
 
 
 def _no_trim(tokens: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
