@@ -341,19 +341,23 @@ def run_policy(name, label, args, size, res: Results, inference=True, train=True
 
 
 def check_graph_against_eager(policy, size: Size, args) -> None:
-    """The CUDA-graph replay must compute what the eager sampler computes (same noise)."""
+    """The fast path (CUDA graph, compiled expert if on) must compute what the plain eager sampler
+    computes from the same noise: identical kernels give 0; a compiled expert fuses bf16 arithmetic
+    differently, so it is held to a looser bound."""
     use_cameras(policy, 2, size.resolution)
     batch = make_batch("ki_vla", policy, 1, 2, size.resolution, args.fast_tokens, args.device)
     noise = torch.randn(1, CHUNK, policy.config.max_action_dim, device=args.device)
+    cfg = policy.config
+    compiled = cfg.compile_expert
     with torch.no_grad():
-        graphed = policy.predict_action_chunk(batch, noise=noise.clone())
-        policy.config.cuda_graphs = False
+        fast = policy.predict_action_chunk(batch, noise=noise.clone())
+        cfg.cuda_graphs, cfg.compile_expert = False, False
         eager = policy.predict_action_chunk(batch, noise=noise.clone())
-        policy.config.cuda_graphs = True
-    err = ((graphed - eager).norm() / eager.norm()).item()
-    print(f"  graph vs eager: relative error {err:.2e}", flush=True)
-    if not err < 1e-2:
-        raise SystemExit(f"CUDA-graph path differs from the eager path (relative error {err:.3g})")
+        cfg.cuda_graphs, cfg.compile_expert = True, compiled
+    err = ((fast - eager).norm() / eager.norm()).item()
+    print(f"  fast path vs eager: relative error {err:.2e}", flush=True)
+    if not err < (3e-2 if compiled else 1e-3):
+        raise SystemExit(f"The fast path differs from the eager path (relative error {err:.3g})")
 
 
 def table(res: Results, args, size: Size) -> str:
@@ -442,10 +446,17 @@ def main() -> None:
         steps = [("ki_vla", {}, {})]
         if args.ki_variants == "all":
             # Each optimisation measured on its own, in the order they were made.
+            base = {"cuda_graphs": False, "vision_autocast": False}
             steps = [
-                ("ki_vla (eager, full prompt padding)", {"cuda_graphs": False}, {"trim": False}),
-                ("ki_vla (eager, prompt padding trimmed)", {"cuda_graphs": False}, {}),
-            ] + ([("ki_vla (+ CUDA graph)", {}, {"train": False})] if gpu else [])
+                ("ki_vla (eager, full prompt padding)", base, {"trim": False}),
+                ("ki_vla (eager, prompt padding trimmed)", base, {}),
+            ]
+            if gpu:
+                steps += [
+                    ("ki_vla (+ bf16 autocast SigLIP)", {"cuda_graphs": False}, {}),
+                    ("ki_vla (+ CUDA graph)", {}, {"train": False}),
+                    ("ki_vla (+ compiled expert)", {"compile_expert": True}, {"train": False}),
+                ]
         for label, overrides, opts in steps:
             modeling_ki.trim_prompt_padding = real_trim if opts.get("trim", True) else _no_trim
             train = bool(args.train_batches) and opts.get("train", True)

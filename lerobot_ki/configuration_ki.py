@@ -53,6 +53,13 @@ class KIConfig(PreTrainedConfig):
     # On CUDA, record flow inference (SigLIP + prefill + Euler steps) once per input shape as a CUDA
     # graph and replay it: removes the kernel-launch gaps that dominate at batch 1. Not used with RTC.
     cuda_graphs: bool = True
+    # With dtype=bfloat16 on CUDA, run the float32 SigLIP tower and projector under bf16 autocast (the
+    # weights stay float32, as in pi05): float32 GEMMs without tensor cores were 29 of the 71 ms of GPU
+    # time of a 2-camera H100 inference call (benchmarks/profile_ki_inference.py).
+    vision_autocast: bool = True
+    # torch.compile the expert's velocity at inference (fuses its many small elementwise kernels); the
+    # first call compiles (about a minute at full size).
+    compile_expert: bool = False
 
     # --- flow matching (openpi conventions) ---------------------------------------------------
     num_inference_steps: int = 10

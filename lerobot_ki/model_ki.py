@@ -62,13 +62,19 @@ class KIModel(PI05Pytorch):
         prefix tokens are bidirectional, so the flags are zeros. (B, Lp, D), (B, Lp), (B, Lp)."""
         embs, pads = [], []
         for img, img_mask in zip(images, img_masks, strict=True):
-            emb = self._apply_checkpoint(self.paligemma_with_expert.embed_image, img)  # (B, Ni, D)
+            emb = self._apply_checkpoint(self._embed_image, img)  # (B, Ni, D)
             embs.append(emb)
             pads.append(img_mask[:, None].expand(emb.shape[:2]))
         embs.append(self._apply_checkpoint(self.paligemma_with_expert.embed_language_tokens, tokens))
         pads.append(masks)
         pad = torch.cat(pads, dim=1)
         return torch.cat(embs, dim=1), pad, torch.zeros_like(pad)
+
+    def _embed_image(self, img: Tensor) -> Tensor:
+        if self.config.vision_autocast and self.config.dtype == "bfloat16" and img.is_cuda:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.paligemma_with_expert.embed_image(img)
+        return self.paligemma_with_expert.embed_image(img)
 
     def embed_prefix_with_state(
         self,
@@ -224,9 +230,10 @@ class KIModel(PI05Pytorch):
             noise = self.sample_noise(shape, prefix_embs.device)
         _, prefix_kv = self.prefill(prefix_embs, prefix_pad)
         num_steps = num_steps or self.config.num_inference_steps
+        expert = self._inference_velocity()
 
         def velocity(x_t: Tensor, time: Tensor) -> Tensor:
-            return self.velocity(prefix_kv, prefix_pad, x_t, time)
+            return expert(prefix_kv, prefix_pad, x_t, time)
 
         rtc = self.rtc_processor
         if self._rtc_enabled() or (
@@ -243,6 +250,13 @@ class KIModel(PI05Pytorch):
                 execution_horizon=rtc_kwargs.get("execution_horizon"),
             )
         return euler_steps(velocity, noise, num_steps)
+
+    def _inference_velocity(self):
+        if not self.config.compile_expert:
+            return self.velocity
+        if getattr(self, "_compiled_velocity", None) is None:
+            self._compiled_velocity = torch.compile(self.velocity, dynamic=False)
+        return self._compiled_velocity
 
     @torch.no_grad()
     def sample_from_inputs(self, *inputs: Tensor, n_cameras: int, num_steps: int) -> Tensor:
