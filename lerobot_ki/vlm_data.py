@@ -14,6 +14,7 @@ checkpoint, so a resumed run continues exactly where it stopped. Bad records are
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -86,7 +87,7 @@ def image_to_tensor(obj: Any, base_dir: Path | None = None) -> Tensor:
         if obj.ndim != 3 or obj.shape[2] != 3:
             raise BadVLMRecord("bad image", f"array of shape {obj.shape}, expected (H, W, 3)")
         scale = 255.0 if obj.dtype == np.uint8 else 1.0
-        return torch.from_numpy(np.ascontiguousarray(obj)).permute(2, 0, 1).float() / scale
+        return torch.from_numpy(np.array(obj)).permute(2, 0, 1).float() / scale  # copied: writable
     raise BadVLMRecord("bad image", f"unsupported image value of type {type(obj).__name__}")
 
 
@@ -105,7 +106,7 @@ def parse_record(record: dict, columns: VLMColumns, base_dir: Path | None = None
         raise BadVLMRecord("not a record", f"got {type(record).__name__}")
     images = record.get(columns.image)
     if images is None or (isinstance(images, (list, tuple)) and len(images) == 0):
-        raise BadVLMRecord("missing image", f"no '{columns.image}' in the record")
+        raise BadVLMRecord("missing image", f"'{columns.image}' is absent or empty")
     if not isinstance(images, (list, tuple)):
         images = [images]
     if any(i is None for i in images):
@@ -289,7 +290,9 @@ class VLMStream:
         for _ in range(2):  # at most one epoch boundary per record
             if self._iter is None:
                 self._shuffled.set_epoch(self.pos.epoch)
-                self._iter = iter(self._shuffled.skip(self.pos.index) if self.pos.index else self._shuffled)
+                # Resume: read past the records this epoch already gave (IterableDataset.skip would
+                # change the shard order of a shuffled dataset, so the sequence would differ).
+                self._iter = itertools.islice(iter(self._shuffled), self.pos.index, None)
             try:
                 record = next(self._iter)
                 self.pos.index += 1
