@@ -3,9 +3,14 @@ robot training goes on, text generation, and checkpoints that carry the stream p
 
 from __future__ import annotations
 
+import math
+import sys
+
 import numpy as np
 import pytest
 import torch
+from conftest import logged_metric, logged_steps, run_logged, venv_script
+from safetensors.torch import load_file
 from synthetic_dataset import make_dataset
 from tiny_setup import batch_of, build
 from vlm_fixtures import COLOUR_NAMES, PROMPT, colour_records, save_hf_dataset
@@ -208,3 +213,46 @@ def test_checkpoints_carry_the_stream_position(roots, tmp_path):
     cfg.vlm_dataset = str(roots[1])
     restarted = KIPolicy.from_pretrained(tmp_path / "plain", config=cfg)
     assert restarted.vlm_cotraining.counts()["records_read"] == 0
+
+
+# --- through lerobot-train -------------------------------------------------------------------------
+def test_lerobot_train_logs_vlm_metrics_and_resume_continues_the_stream(
+    dataset_root, offline_env, tiny_train_args, tmp_path
+):
+    vlm = save_hf_dataset(tmp_path / "vlm", colour_records(24, seed=3))
+    out = tmp_path / "run"
+    flags = [f"--policy.vlm_dataset={vlm}", "--policy.vlm_mix_ratio=0.5", "--policy.vlm_loss_weight=0.5"]
+    cmd = [venv_script("lerobot-train"), *tiny_train_args(dataset_root, out, *flags)]
+    log = run_logged(
+        [*cmd, "--batch_size=2", "--steps=4", "--save_freq=2", "--log_freq=2", "--seed=1"],
+        offline_env,
+        tmp_path / "train.log",
+    )
+    assert logged_steps(log) == [2, 4]
+    assert all(math.isfinite(v) and v > 0 for v in logged_metric(log, "vlm_loss"))
+    assert len(logged_metric(log, "vlm_loss")) == 2
+    assert logged_metric(log, "vlm_ratio") == [0.5, 0.5]
+
+    resume = [
+        sys.executable,
+        "-m",
+        "lerobot.scripts.lerobot_train",
+        "--resume=true",
+        f"--config_path={out / 'checkpoints' / '000004' / 'pretrained_model' / 'train_config.json'}",
+        "--steps=6",
+        "--log_freq=2",
+    ]
+    log = run_logged(resume, offline_env, tmp_path / "resume.log")
+    assert logged_steps(log) == [6] and logged_metric(log, "vlm_ratio") == [0.5]
+
+    def counts(step: int) -> dict[str, int]:
+        weights = load_file(out / "checkpoints" / f"{step:06d}" / "pretrained_model" / "model.safetensors")
+        return dict(zip(STATE_FIELDS, weights["vlm_cotraining.state"].tolist(), strict=True))
+
+    # 2 robot + 2 VLM examples per step; the resumed run went on from the checkpoint's 8 records read.
+    assert counts(4) == dict(
+        epoch=0, index=8, records_read=8, records_bad=0, vlm_examples=8, robot_examples=8
+    )
+    assert counts(6) == dict(
+        epoch=0, index=12, records_read=12, records_bad=0, vlm_examples=12, robot_examples=12
+    )
