@@ -15,6 +15,7 @@ checkpoint holds the main process's counters.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ from lerobot_ki.vlm_data import (
     parse_record,
     process_rank,
 )
+
+logger = logging.getLogger(__name__)
 
 STATE_FIELDS = ("epoch", "index", "records_read", "records_bad", "vlm_examples", "robot_examples")
 STATE_KEY = "vlm_cotraining.state"  # its key in the policy's state dict
@@ -189,5 +192,16 @@ class VLMCoTraining(nn.Module):
                 world_size=world_size,
                 max_bad_fraction=cfg.vlm_max_bad_fraction,
                 position=StreamPosition(c["epoch"], c["index"], c["records_read"], c["records_bad"]),
+            )
+            size = f"{len(source)} records" if hasattr(source, "__len__") else "streamed"
+            logger.info(
+                "VLM co-training from %s (%s), process %d of %d, at epoch %d record %d; mix ratio %.3f",
+                cfg.vlm_dataset,
+                size,
+                rank,
+                world_size,
+                c["epoch"],
+                c["index"],
+                cfg.vlm_mix_ratio,
             )
         return self._stream
