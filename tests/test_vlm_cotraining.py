@@ -16,6 +16,7 @@ from tiny_setup import batch_of, build
 from vlm_fixtures import COLOUR_NAMES, PROMPT, colour_records, save_hf_dataset
 
 from lerobot_ki.modeling_ki import KIPolicy
+from lerobot_ki.processor_ki import text_tokenizer_of
 from lerobot_ki.text_generation import token_picker
 from lerobot_ki.vlm_cotraining import STATE_FIELDS, VLMCoTraining, collate, tokenize_example
 from lerobot_ki.vlm_data import image_to_tensor
@@ -159,7 +160,10 @@ def test_colour_task_is_learned_while_robot_training_continues(roots):
 
 # --- generate_text ---------------------------------------------------------------------------------
 def test_generate_text_greedy_and_sampled(roots):
-    policy, *_ = _build(roots)
+    policy, pre, *_ = _build(roots)
+    # The policy's tokenizer is the processor's (built from the same config); it can also be handed over.
+    assert text_tokenizer_of(pre).to_str() == policy.text_tokenizer.to_str()
+    policy.set_text_tokenizer(text_tokenizer_of(pre))
     images = torch.rand(6, 3, 40, 48)  # resized with padding to the model's 32x32, like robot frames
     greedy = policy.generate_text(images, PROMPT, max_new_tokens=6)
     assert len(greedy) == 6 and greedy == policy.generate_text(images, PROMPT, max_new_tokens=6)
