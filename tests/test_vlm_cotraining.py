@@ -18,8 +18,9 @@ from vlm_fixtures import COLOUR_NAMES, PROMPT, colour_records, save_hf_dataset
 from lerobot_ki.modeling_ki import KIPolicy
 from lerobot_ki.processor_ki import text_tokenizer_of
 from lerobot_ki.text_generation import token_picker
+from lerobot_ki.text_tokenizer import load_text_tokenizer
 from lerobot_ki.vlm_cotraining import STATE_FIELDS, VLMCoTraining, collate, tokenize_example
-from lerobot_ki.vlm_data import image_to_tensor
+from lerobot_ki.vlm_data import BadVLMRecord, image_to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,25 @@ def test_cotraining_adds_the_weighted_vlm_loss_to_the_robot_loss(roots):
     policy.eval()
     _, info = policy.forward(batch)
     assert "vlm_loss" not in info and policy.vlm_cotraining.counts()["vlm_examples"] == 2
+
+
+def test_records_the_model_cannot_take_are_skipped_as_bad_records():
+    tok = load_text_tokenizer("byte", 256)
+    img = [torch.rand(3, 8, 8)]
+
+    def reason(images=img, prompt="p", answer="a") -> str:
+        with pytest.raises(BadVLMRecord) as err:
+            tokenize_example(
+                images, prompt, answer, tok, max_prompt_tokens=20, max_answer_tokens=6, max_images=2
+            )
+        return err.value.reason
+
+    assert reason(images=img * 3) == "too many images"
+    assert reason(prompt="x" * 30) == "prompt too long"
+    assert reason(answer="purple") == "answer too long"  # 6 bytes + EOS
+    ok = tokenize_example(img, "p", "red", tok, 20, 6, 2)
+    assert ok.target_ids == [*tok.encode_text("red", bos=False), tok.layout.eos_id]
+    assert ok.prompt_ids[0] == tok.layout.bos_id and tok.decode(ok.prompt_ids) == "p\n"
 
 
 # --- mixing ratio ----------------------------------------------------------------------------------
