@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -133,6 +134,16 @@ def test_mixing_ratio_holds_over_many_steps(roots, ratio):
     assert abs(co.achieved_ratio() - ratio) < 1e-3
     expected = ratio / (1 - ratio) * 8
     assert set(per_step[1:50]) <= {int(np.floor(expected)), int(np.ceil(expected))}
+
+
+def test_streaming_source_feeds_the_policy(roots):
+    """--policy.vlm_streaming=true: the dataset is iterated (as a Hub dataset would be), not indexed."""
+    policy, pre, _, ds = _build(roots, vlm_streaming=True, vlm_mix_ratio=0.5)
+    policy.train()
+    _, info = policy.forward(batch_of(ds, pre, range(4)))
+    assert info["vlm_loss"] > 0 and info["vlm_ratio"] == 0.5
+    assert isinstance(policy.vlm_cotraining._stream.source, datasets.IterableDataset)
+    assert policy.vlm_cotraining.counts()["records_read"] == 4
 
 
 # --- a VLM task learned while the robot trains ----------------------------------------------------------
