@@ -84,6 +84,27 @@ class KIConfig(PreTrainedConfig):
     fast_overflow: str = "error"  # "error" | "truncate" (warned and counted) for chunks over budget
     fast_decode_max_failures: int = -1  # inference_mode=fast: -1 => never raise, zeros + counted warning
 
+    # --- VLM co-training (README "VLM co-training") -------------------------------------------
+    # General vision-language examples (images, a prompt, a target text) mixed into robot training. The
+    # backbone learns them by next-token CE on the target text only (no flow, no FAST loss). None = off.
+    # A local `datasets` directory (save_to_disk), a folder of *.jsonl + image files, or a Hub dataset id.
+    vlm_dataset: str | None = None
+    vlm_dataset_config: str | None = None  # Hub dataset configuration name
+    vlm_split: str = "train"
+    vlm_streaming: bool = False  # iterate the dataset (Hub: no full download) instead of random access
+    vlm_image_column: str = "image"  # one image or a list of images per record
+    vlm_prompt_column: str = "prompt"
+    vlm_answer_column: str = "answer"
+    # Fraction of the examples trained on that are VLM examples, over the whole run: each step adds
+    # as many VLM examples to the robot batch as keeps the cumulative fraction at this value.
+    vlm_mix_ratio: float = 0.2
+    vlm_loss_weight: float = 1.0  # loss = robot loss + vlm_loss_weight * VLM text CE
+    vlm_shuffle_seed: int = 0  # record order: a permutation per epoch from (seed, epoch)
+    vlm_max_answer_tokens: int = 48  # target text tokens, EOS included; longer records are skipped
+    # Bad records (missing image, empty answer, unreadable file) are skipped, counted and logged; more
+    # than this fraction of the records read (counted over at least 100) stops training with an error.
+    vlm_max_bad_fraction: float = 0.1
+
     # --- real-time chunking (lerobot-rollout --inference.type=rtc) ----------------------------
     rtc_config: RTCConfig | None = None
 
@@ -135,6 +156,16 @@ class KIConfig(PreTrainedConfig):
             self.optimizer_lr = 1e-3 if self.paligemma_variant == "tiny" else 2.5e-5
         if self.scheduler_decay_lr is None:
             self.scheduler_decay_lr = self.optimizer_lr / 10
+        if self.vlm_dataset is not None:
+            if not 0.0 < self.vlm_mix_ratio < 1.0:
+                raise ValueError(
+                    f"vlm_mix_ratio={self.vlm_mix_ratio} must be in (0, 1): the fraction of trained examples "
+                    "that are VLM examples (drop --policy.vlm_dataset to train on robot data only)."
+                )
+            if self.vlm_loss_weight < 0 or not 0.0 <= self.vlm_max_bad_fraction <= 1.0:
+                raise ValueError("vlm_loss_weight must be >= 0 and vlm_max_bad_fraction in [0, 1].")
+            if self.vlm_max_answer_tokens < 2:
+                raise ValueError("vlm_max_answer_tokens must leave room for one token and EOS.")
         if self.text_tokenizer is None:
             self.text_tokenizer = BYTE_TOKENIZER if self.paligemma_variant == "tiny" else PALIGEMMA_TOKENIZER
 

@@ -13,6 +13,8 @@ Training therefore looks exactly like inference (prefill, then expert steps) plu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from lerobot.policies.common.flow_matching import euler_integrate
@@ -175,28 +177,7 @@ class KIModel(PI05Pytorch):
         flow_mask: Tensor,  # (B, T, max_action_dim) bool: real steps x real dims
     ) -> dict[str, Tensor]:
         bsz, n_prefix = prefix_pad.shape
-        fast_embs = self.paligemma_with_expert.embed_language_tokens(fast_ids).to(prefix_embs.dtype)
-        hidden, kv = self._backbone(
-            torch.cat([prefix_embs, fast_embs], dim=1),
-            torch.cat([prefix_pad, fast_mask], dim=1),
-            torch.cat([torch.zeros_like(prefix_pad), torch.ones_like(fast_mask)], dim=1),
-        )
-        # Next-token CE on FAST: token j is predicted from position j-1; token 0 from the last valid
-        # prompt position (the prompt is right-padded, so that index differs per sample).
-        last_prefix = n_prefix - 1 - prefix_pad.flip(-1).int().argmax(-1)  # (B,)
-        pred_idx = torch.cat(
-            [
-                last_prefix[:, None],
-                n_prefix + torch.arange(fast_ids.shape[1] - 1, device=fast_ids.device)[None].expand(bsz, -1),
-            ],
-            dim=1,
-        )  # (B, Lf)
-        pred_hidden = hidden.gather(1, pred_idx[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = self.paligemma_with_expert.lm_logits(pred_hidden)  # (B, Lf, V)
-        ce = F.cross_entropy(logits.flatten(0, 1), fast_ids.flatten(), reduction="none").view_as(fast_mask)
-        n_fast = fast_mask.sum().clamp(min=1)
-        loss_fast = (ce * fast_mask).sum() / n_fast
-        fast_acc = ((logits.argmax(-1) == fast_ids) & fast_mask).sum() / n_fast
+        _, kv, loss_fast, fast_acc = self.next_token_ce(prefix_embs, prefix_pad, fast_ids, fast_mask)
 
         # The image+prompt K/V do not depend on the FAST tokens (prefix rows never attend to them).
         prefix_kv = [(k[:, :, :n_prefix], v[:, :, :n_prefix]) for k, v in kv]
@@ -212,6 +193,40 @@ class KIModel(PI05Pytorch):
             loss_flow = loss_flow + ((v_t - u_t) ** 2 * flow_mask).sum() / n_flow
         loss_flow = loss_flow / self.config.flow_samples_per_backbone_pass
         return {"loss_fast_ce": loss_fast, "loss_flow": loss_flow, "fast_token_acc": fast_acc}
+
+    def next_token_ce(
+        self,
+        prefix_embs: Tensor,  # (B, Lp, D)
+        prefix_pad: Tensor,  # (B, Lp) bool
+        ids: Tensor,  # (B, L) target LM ids (FAST tokens or answer text, + EOS), right-padded
+        mask: Tensor,  # (B, L) bool
+    ) -> tuple[Tensor, list[KV], Tensor, Tensor]:
+        """One backbone pass over [prefix | ids] (prefix-LM: ids causal) and the next-token CE on `ids`
+        only. Returns hidden (B, Lp + L, D), per-layer K/V, the mean CE and the token accuracy."""
+        bsz, n_prefix = prefix_pad.shape
+        embs = self.paligemma_with_expert.embed_language_tokens(ids).to(prefix_embs.dtype)
+        hidden, kv = self._backbone(
+            torch.cat([prefix_embs, embs], dim=1),
+            torch.cat([prefix_pad, mask], dim=1),
+            torch.cat([torch.zeros_like(prefix_pad), torch.ones_like(mask)], dim=1),
+        )
+        # Token j is predicted from position j-1; token 0 from the last valid prompt position (the
+        # prompt is right-padded, so that index differs per sample).
+        last_prefix = n_prefix - 1 - prefix_pad.flip(-1).int().argmax(-1)  # (B,)
+        pred_idx = torch.cat(
+            [
+                last_prefix[:, None],
+                n_prefix + torch.arange(ids.shape[1] - 1, device=ids.device)[None].expand(bsz, -1),
+            ],
+            dim=1,
+        )  # (B, L)
+        pred_hidden = hidden.gather(1, pred_idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = self.paligemma_with_expert.lm_logits(pred_hidden)  # (B, L, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(mask)
+        n_tokens = mask.sum().clamp(min=1)
+        loss = (ce * mask).sum() / n_tokens
+        acc = ((logits.argmax(-1) == ids) & mask).sum() / n_tokens
+        return hidden, kv, loss, acc
 
     # --- inference ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -276,10 +291,12 @@ class KIModel(PI05Pytorch):
         max_new_tokens: int,
         eos_id: int,
         allowed: tuple[int, int] | None = None,
+        pick: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """Greedy decoding from the backbone with a KV cache. Returns (B, <=max_new_tokens) ids,
+        """Decoding from the backbone with a KV cache. Returns (B, <=max_new_tokens) ids,
         with `eos_id` after a sequence ended. `allowed` = [lo, hi) restricts decoding to that id range
-        (plus EOS), which is how FAST decoding keeps to FAST tokens."""
+        (plus EOS), which is how FAST decoding keeps to FAST tokens. `pick` maps logits (B, V) to the
+        next ids (B,) (sampling, see `text_generation.py`); greedy (argmax) by default."""
         bsz, n_prefix = prefix_pad.shape
         hidden, cache = self.prefill(prefix_embs, prefix_pad)
         last = n_prefix - 1 - prefix_pad.flip(-1).int().argmax(-1)
@@ -294,9 +311,8 @@ class KIModel(PI05Pytorch):
                 keep[:, allowed[0] : allowed[1]] = True
                 keep[:, eos_id] = True
                 logits = logits.masked_fill(~keep, float("-inf"))
-            nxt = torch.where(
-                done, torch.full_like(logits[:, 0], eos_id, dtype=torch.long), logits.argmax(-1)
-            )
+            chosen = pick(logits) if pick is not None else logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(logits[:, 0], eos_id, dtype=torch.long), chosen)
             out.append(nxt)
             done |= nxt == eos_id
             if bool(done.all()):

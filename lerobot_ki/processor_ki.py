@@ -299,6 +299,15 @@ def make_ki_vla_pre_post_processors(
     return make_policy_processor_pipelines(input_steps=input_steps, output_steps=output_steps)
 
 
+def text_tokenizer_of(preprocessor: PolicyProcessorPipeline) -> TextTokenizer:
+    """The tokenizer saved in a ki_vla preprocessor, e.g. to hand to `KIPolicy.set_text_tokenizer` where
+    the config's tokenizer (a Hub id) cannot be loaded."""
+    for step in preprocessor.steps:
+        if isinstance(step, KITextTokenizerStep) and step.tokenizer is not None:
+            return step.tokenizer
+    raise ValueError("This preprocessor has no loaded ki_vla text tokenizer step.")
+
+
 def _check_quantile_stats(config: KIConfig, stats: dict[str, dict[str, Any]] | None) -> None:
     """pi0.5-style quantile normalization needs q01/q99; say so up front instead of deep in a step."""
     if stats is None:

@@ -114,6 +114,14 @@ class TextTokenizer:
             mask[i, : len(enc.ids)] = True
         return ids, mask
 
+    def encode_text(self, text: str, bos: bool) -> list[int]:
+        """Ids of one text; `bos` adds the tokenizer's template (<bos> first), as prompts have it."""
+        return self.tokenizer.encode(text, add_special_tokens=bos).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated ids, special tokens (<eos>, <pad>) left out."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     # --- persistence ------------------------------------------------------------------------------
     def to_str(self) -> str:
         return self.tokenizer.to_str()

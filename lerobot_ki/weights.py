@@ -63,6 +63,8 @@ WHY_PI0_STATE_PROJ = (
 )
 WHY_SIGLIP_HEAD = "SigLIP's attention-pooling head: PaliGemma feeds every patch token, the head is unused"
 WHY_FAST_STATE = "the FAST tokenizer is fitted on the fine-tuning dataset (the checkpoint has none)"
+VLM_STATE = "vlm_cotraining.state"  # lerobot_ki.vlm_cotraining.STATE_KEY
+WHY_VLM_STATE = "VLM co-training counters start at zero"
 WHY_STATE_PROJ = "ki_vla's continuous state token (state_mode=continuous): pi05 writes the state as text"
 WHY_NOT_PALIGEMMA = "not part of PaliGemma: the action expert, its projections and time MLP start fresh"
 
@@ -152,6 +154,8 @@ def _drop_reason(key: str) -> str | None:
 def _pi05_new_reason(key: str) -> str | None:
     if key == FAST_STATE:
         return WHY_FAST_STATE
+    if key == VLM_STATE:
+        return WHY_VLM_STATE
     if key.startswith("model.state_proj."):
         return WHY_STATE_PROJ
     return None

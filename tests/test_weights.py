@@ -294,6 +294,14 @@ def test_pi05_with_the_cli_config_clears_pretrained_path(pi05_source):
     assert torch.equal(loaded.model.time_mlp_in.weight, source.model.time_mlp_in.weight)
 
 
+def test_pi05_start_with_vlm_cotraining_counts_the_stream_as_new(pi05_source):
+    _, ckpt = pi05_source
+    cfg = tiny_config(**TINY, vlm_dataset="/data/not_read_until_training")  # the stream opens lazily
+    cfg.pretrained_path = ckpt
+    loaded = KIPolicy.from_pretrained(ckpt, config=cfg)
+    assert loaded.vlm_cotraining.state.tolist() == [0] * 6
+
+
 def test_pi05_shape_mismatch_names_the_flags(pi05_source):
     _, ckpt = pi05_source
     cfg = tiny_config(fast_vocab_size=1024, max_action_dim=12, image_resolution=(32, 32))
