@@ -61,6 +61,7 @@ class Size:
     resolution: int
     frozen_embeddings: bool  # token embedding + LM head frozen in all three (CPU memory)
     note: str
+    mlp_divisor: int = 1  # MLP hidden width divided by this in both towers
 
 
 SIZES = {
@@ -69,13 +70,14 @@ SIZES = {
         1,
         224,  # pi0_fast's SigLIP is fixed at 224 px
         True,
-        "real widths, 1 layer per tower (Gemma 2048 backbone, 1024 expert, SigLIP 1152, 257k vocab), "
-        "224 px; vision tower, token embedding and LM head frozen in all three so AdamW fits in 24 GB",
+        "real attention widths, 1 layer per tower (Gemma 2048 backbone, 1024 expert, SigLIP 1152, 257k "
+        "vocab), MLPs 1/8 wide, 224 px; vision tower, token embedding and LM head frozen in all three",
+        mlp_divisor=8,
     ),
 }
 
 
-def patch_depth(depth: int | None) -> None:
+def patch_depth(depth: int | None, mlp_divisor: int = 1) -> None:
     """Fewer layers of the real widths in all three policies, SigLIP included. LeRobot's pi05/pi0_fast only
     know the real sizes: for this process we replace their `get_gemma_config` and the PaliGemma config
     class they instantiate (SigLIP's depth comes from its defaults), never their files."""
@@ -86,7 +88,8 @@ def patch_depth(depth: int | None) -> None:
 
         def shallow(name, _real=real, _cls=module.GemmaConfig):
             cfg = _real(name)
-            return _cls(cfg.width, depth, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            mlp = cfg.mlp_dim // mlp_divisor
+            return _cls(cfg.width, depth, mlp, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
         module.get_gemma_config = shallow
     base = CONFIG_MAPPING["paligemma"]
@@ -99,7 +102,8 @@ def patch_depth(depth: int | None) -> None:
     CONFIG_MAPPING.register("paligemma", ShallowSiglipPaliGemmaConfig, exist_ok=True)
     for table in (variants.BACKBONE_VARIANTS, variants.EXPERT_VARIANTS):
         for name in set(table) & {"gemma_2b", "gemma_300m"}:
-            table[name] = variants.GemmaSize(**{**vars(table[name]), "depth": depth})
+            mlp = table[name].mlp_dim // mlp_divisor
+            table[name] = variants.GemmaSize(**{**vars(table[name]), "depth": depth, "mlp_dim": mlp})
     for name in ("gemma_2b", "gemma_300m"):
         variants.VISION_VARIANTS[name] = variants.SiglipSize(
             **{**vars(variants.VISION_VARIANTS[name]), "num_layers": depth}
@@ -418,7 +422,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--cameras", default="1,2,3")
-    ap.add_argument("--train-batches", default="8,32")
+    ap.add_argument("--train-batches", default=None, help="default: 8,32 on cuda, 8 on cpu")
     ap.add_argument("--train-cameras", type=int, default=2)
     ap.add_argument("--fast-tokens", type=int, default=50, help="tokens pi0_fast decodes per chunk")
     ap.add_argument("--warmup", type=int, default=None)
@@ -433,6 +437,7 @@ def main() -> None:
     gpu = args.device == "cuda"
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.cameras = [int(c) for c in args.cameras.split(",")]
+    args.train_batches = args.train_batches or ("8,32" if gpu else "8")
     args.train_batches = [] if args.no_train else [int(b) for b in args.train_batches.split(",")]
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     args.repeats = args.repeats if args.repeats is not None else (10 if gpu else 3)
@@ -442,7 +447,7 @@ def main() -> None:
     if not gpu:
         args.device_name += f", {torch.get_num_threads()} threads"
     size = SIZES[args.size]
-    patch_depth(size.depth)
+    patch_depth(size.depth, size.mlp_divisor)
     torch.manual_seed(0)
     res = Results()
     wanted = args.policies.split(",")
