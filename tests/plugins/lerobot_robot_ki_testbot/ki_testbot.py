@@ -120,10 +120,10 @@ class KITestBot(Robot):
         missing = set(self.commanded) - set(action)
         if unknown or missing:
             raise ValueError(f"{self}: action keys unknown {sorted(unknown)}, missing {sorted(missing)}")
-        target = np.array([float(action[k]) for k in self.commanded])
-        if not np.isfinite(target).all():
-            raise ValueError(f"{self}: refusing a non-finite command {target.tolist()}")
-        target = target.clip(-JOINT_LIMIT, JOINT_LIMIT)
+        command = np.array([float(action[k]) for k in self.commanded])
+        if not np.isfinite(command).all():
+            raise ValueError(f"{self}: refusing a non-finite command {command.tolist()}")
+        target = command.clip(-JOINT_LIMIT, JOINT_LIMIT)
         n = self.config.joints
         with self._lock:
             # Mimic joints are not actuated (a command for them, e.g. LeRobot's return-to-start, is
@@ -131,7 +131,7 @@ class KITestBot(Robot):
             self._pos[:n] += self.config.response * (target - self._pos[:n])
             self._pos[n:] = self._pos[:n].mean()
             pos = self._pos.tolist()
-        self._write("action", target=target.tolist(), pos=pos)
+        self._write("action", command=command.tolist(), target=target.tolist(), pos=pos)
         return dict(zip(self.commanded, target.tolist(), strict=True))
 
     # --- helpers ------------------------------------------------------------------------------------
