@@ -4,8 +4,8 @@ back what the robot received and what was recorded."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,25 +15,17 @@ import numpy as np
 from conftest import venv_script
 from synthetic_dataset import TASKS
 
-PLUGINS = Path(__file__).parent / "plugins"
-ROBOT_PLUGIN = "lerobot_robot_ki_testbot"
+sys.path.insert(0, str(Path(__file__).parent / "plugins"))  # the test robot, for its discovery helper
+from lerobot_robot_ki_testbot.discovery import discoverable_env  # noqa: E402
+
 FPS = 10  # the synthetic dataset's rate, so the policy's chunks are in its time base
 TASK = TASKS[0]
 
 
 def plugin_env(base_env: dict[str, str], dist_dir: Path) -> dict[str, str]:
-    """`base_env` where LeRobot finds the test robot as it finds any installed plugin.
-
-    LeRobot 0.6.1's register_third_party_plugins() imports every *distribution* (importlib.metadata)
-    whose name starts with `lerobot_robot_`; a module on sys.path alone is not enough. A minimal
-    dist-info folder on PYTHONPATH makes the plugin folder such a distribution without installing it.
-    """
-    info = dist_dir / f"{ROBOT_PLUGIN}-0.1.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {ROBOT_PLUGIN}\nVersion: 0.1\n")
-    env = dict(base_env)
-    paths = [str(PLUGINS), str(dist_dir), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    """`base_env` in which `lerobot-rollout --robot.type=ki_testbot` finds the test robot (see
+    plugins/lerobot_robot_ki_testbot/discovery.py: LeRobot discovers plugins by distribution name)."""
+    env = discoverable_env(base_env, dist_dir)
     # One intra-op thread: on a small shared CPU, torch's OpenMP workers next to the video encoder's and
     # RTC's threads stall a control tick for seconds (measured: 9 s); with one thread it holds 10 Hz.
     env["OMP_NUM_THREADS"] = "1"
