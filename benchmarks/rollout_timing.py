@@ -35,7 +35,7 @@ from lerobot_robot_ki_testbot.discovery import discoverable_env  # noqa: E402
 from lerobot_ki.modeling_ki import KIPolicy  # noqa: E402
 
 
-def rollout_ticks(policy_path: str, out: Path, seconds: float, fps: int, task: str, extra: list[str]) -> dict:
+def rollout_ticks(policy_path: str, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
     """Run lerobot-rollout on the test robot; statistics of the command times it logged."""
     env = discoverable_env(dict(os.environ), out / "dist")
     env.setdefault("OMP_NUM_THREADS", "1")  # see tests/rollout_setup.py: oversubscription stalls ticks
@@ -47,11 +47,12 @@ def rollout_ticks(policy_path: str, out: Path, seconds: float, fps: int, task: s
         "--strategy.type=sentry",
         "--dataset.repo_id=local/rollout_timing",
         f"--dataset.root={out / 'dataset'}",
-        f"--dataset.single_task={task}",
-        f"--dataset.fps={fps}",
+        f"--robot.image_size={args.image_size}",
+        f"--dataset.single_task={args.task}",
+        f"--dataset.fps={args.fps}",
         "--dataset.push_to_hub=false",
-        f"--fps={fps}",
-        f"--duration={seconds}",
+        f"--fps={args.fps}",
+        f"--duration={args.seconds}",
         "--device=cpu",
         "--play_sounds=false",
         "--return_to_initial_position=false",
@@ -152,6 +153,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--fps", type=int, default=10)
     p.add_argument("--task", default="push the red block left")
+    p.add_argument("--image-size", type=int, default=224, help="the test robot's camera frames (square)")
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
     if bool(args.policy_path) == bool(args.preset):
@@ -173,17 +175,21 @@ def main() -> None:
     if not args.policy_path:
         return
 
+    # LeRobot's defaults (guide 10 steps, re-plan when 30 are left), scaled down for short chunks.
     rtc = [
         "--inference.type=rtc",
-        f"--inference.rtc.execution_horizon={cfg.chunk_size}",
-        f"--inference.queue_threshold={max(1, cfg.chunk_size - 2)}",
+        f"--inference.rtc.execution_horizon={min(10, cfg.chunk_size)}",
+        f"--inference.queue_threshold={min(30, cfg.chunk_size - 2)}",
     ]
-    print(f"\nlerobot-rollout on the test robot, {args.fps} Hz target, {args.seconds:.0f} s, sentry + video:")
+    print(
+        f"\nlerobot-rollout on the test robot, {args.fps} Hz target, {args.seconds:.0f} s, sentry + video "
+        f"of two {args.image_size} px cameras:"
+    )
     print("| inference | commands | first after | achieved Hz | tick p50 | tick p99 | tick max | max jump |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in (("sync", []), ("rtc", rtc)):
-            r = rollout_ticks(args.policy_path, Path(tmp) / name, args.seconds, args.fps, args.task, extra)
+            r = rollout_ticks(args.policy_path, Path(tmp) / name, args, extra)
             print(
                 f"| {name} | {r['commands']} | {r['first_s']:.2f} s | {r['hz']:.2f} | {r['p50_ms']:.0f} ms "
                 f"| {r['p99_ms']:.0f} ms | {r['max_ms']:.0f} ms | {r['max_jump']:.2f} |"
