@@ -281,6 +281,33 @@ def test_late_then_missing_camera_frame_stops_robot_and_keeps_data(ckpt, env, tm
     assert np.abs(np.array(events[-1]["pos"])).max() < 0.05, events[-1]
 
 
+def test_policy_error_under_sync_stops_robot_and_keeps_data(ckpt, env, tmp_path):
+    """A NaN joint reading: the ki_vla preprocessor refuses it inside the control loop, which stops; the
+    frames before it are saved and the arm is released where it was."""
+    cmd = rollout_cmd(
+        ckpt,
+        tmp_path,
+        "--strategy.type=sentry",
+        "--dataset.video=false",
+        "--robot.nan_state_at=15",
+        duration=30,
+    )
+    run = run_rollout(cmd, env, tmp_path)
+    assert run.returncode != 0 and "contains NaN or Inf" in run.log, run.tail()
+    assert run.seconds < 25, run.tail()
+    first_nan = next(e["t"] for e in run.of("obs") if e["i"] == 15)
+    ds = load_recording(tmp_path)
+    # Observation 0 is LeRobot's start-pose reading; 1..14 drove the robot and were recorded.
+    assert len(ds) == len(run.commands(before=first_nan)) == 14
+    # LeRobot's return-to-start plans from the joint readings, which are broken: the robot refuses the
+    # non-finite move, LeRobot warns, and the arm holds its last commanded target until released.
+    assert "Could not return to initial position" in run.log, run.tail()
+    events = run.events
+    assert events[-1]["event"] == "disconnect"
+    last_policy_pos = [e["pos"] for e in run.of("action") if e["t"] < first_nan][-1]
+    assert events[-1]["pos"] == last_policy_pos
+
+
 def test_policy_error_under_rtc_holds_last_action_then_stops(ckpt, env, tmp_path):
     """A NaN joint reading makes every policy call raise. LeRobot's RTC thread retries, the robot
     executes what was already queued and then gets no new command (it holds its last target); after
