@@ -117,9 +117,9 @@ def wait_for_actions(robot_log: Path, n: int, proc: subprocess.Popen, timeout: f
     raise AssertionError(f"the robot did not receive {n} commands (process exit {proc.poll()})")
 
 
-def max_jump(commands: np.ndarray) -> float:
-    """Largest change of any joint's command between consecutive control ticks."""
-    return float(np.abs(np.diff(commands, axis=0)).max())
+def jumps(commands: np.ndarray) -> np.ndarray:
+    """(N-1,) largest change of any joint's command between consecutive control ticks."""
+    return np.abs(np.diff(commands, axis=0)).max(axis=1)
 
 
 def load_recording(out: Path):
