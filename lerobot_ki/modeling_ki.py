@@ -174,7 +174,17 @@ class KIPolicy(PreTrainedPolicy):
 
     # --- real-time chunking -------------------------------------------------------------------------
     def supports_rtc(self) -> bool:
-        return self.config.inference_mode == "flow"
+        # RTC guides the Euler steps of a flow sampler toward the committed actions; FAST decoding has no
+        # such steps. LeRobot's rollout then refuses `--inference.type=rtc` with a generic line, so say why.
+        if self.config.inference_mode != "flow":
+            logger.warning(
+                "ki_vla with inference_mode=%s does not support Real-Time Chunking (RTC guides the flow "
+                "sampler): use --policy.inference_mode=flow with --inference.type=rtc, "
+                "or --inference.type=sync.",
+                self.config.inference_mode,
+            )
+            return False
+        return True
 
     def init_rtc_processor(self) -> None:
         self.rtc_processor = (

@@ -1,0 +1,200 @@
+"""Control-loop timing of ki_vla under `lerobot-rollout`, sync vs Real-Time Chunking. Not a test: it prints
+markdown tables.
+
+1. With a checkpoint (CPU): runs the real `lerobot-rollout` CLI (sentry strategy, video recording) against the
+   simulated robot of tests/plugins/ for `--seconds`, once with `--inference.type=sync` and once with
+   `--inference.type=rtc`, and reads back when the robot got each command. It also times one action chunk
+   in-process (plain, and RTC-guided by a committed prefix).
+
+    python benchmarks/rollout_timing.py --policy.path=outputs/ki_tiny/checkpoints/last/pretrained_model
+
+2. Without one (any device): times one chunk of a freshly built preset (random weights, byte tokenizer;
+   the real preset is PaliGemma 3B + the 300M expert at 224 px, 50-step chunks), plain and RTC-guided.
+
+    python benchmarks/rollout_timing.py --preset real --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "plugins"))
+from lerobot_robot_ki_testbot.discovery import discoverable_env  # noqa: E402
+
+from lerobot_ki.modeling_ki import KIPolicy  # noqa: E402
+
+
+def rollout_ticks(policy_path: str, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
+    """Run lerobot-rollout on the test robot; statistics of the command times it logged."""
+    env = discoverable_env(dict(os.environ), out / "dist")
+    env.setdefault("OMP_NUM_THREADS", "1")  # see tests/rollout_setup.py: oversubscription stalls ticks
+    cmd = [
+        str(Path(sys.executable).parent / "lerobot-rollout"),
+        f"--policy.path={policy_path}",
+        "--robot.type=ki_testbot",
+        f"--robot.log_path={out / 'robot.jsonl'}",
+        "--strategy.type=sentry",
+        "--dataset.repo_id=local/rollout_timing",
+        f"--dataset.root={out / 'dataset'}",
+        f"--robot.image_size={args.image_size}",
+        f"--dataset.single_task={args.task}",
+        f"--dataset.fps={args.fps}",
+        "--dataset.push_to_hub=false",
+        f"--fps={args.fps}",
+        f"--duration={args.seconds}",
+        "--device=cpu",
+        "--play_sounds=false",
+        "--return_to_initial_position=false",
+        *extra,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        raise SystemExit(f"lerobot-rollout failed ({proc.returncode}):\n{tail}")
+    events = [json.loads(line) for line in (out / "robot.jsonl").read_text().splitlines()]
+    times = np.array([e["t"] for e in events if e["event"] == "action"])
+    commands = np.array([e["command"] for e in events if e["event"] == "action"])
+    steady = np.diff(times[1:])  # the first tick also pays for the first inference and encoder start-up
+    return {
+        "commands": len(times),
+        "first_s": times[0] - events[0]["t"],
+        "hz": len(steady) / (times[-1] - times[1]),
+        "p50_ms": 1000 * np.median(steady),
+        "p99_ms": 1000 * np.percentile(steady, 99),
+        "max_ms": 1000 * steady.max(),
+        "max_jump": float(np.abs(np.diff(commands, axis=0)).max()),
+    }
+
+
+def fake_batch(policy: KIPolicy, device: str) -> dict:
+    """A preprocessed batch of one (what the ki_vla preprocessor hands the policy): images, prompt tokens."""
+    cfg = policy.config
+    batch = {
+        key: torch.rand(1, *feat.shape, device=device)
+        for key, feat in cfg.input_features.items()
+        if key.startswith("observation.images.")
+    }
+    state_dim = cfg.input_features["observation.state"].shape[0]
+    batch["observation.state"] = torch.zeros(1, state_dim, device=device)
+    batch["observation.language.tokens"] = torch.randint(4, 260, (1, cfg.tokenizer_max_length), device=device)
+    batch["observation.language.attention_mask"] = torch.ones(1, cfg.tokenizer_max_length, device=device)
+    return batch
+
+
+def chunk_latency_ms(policy: KIPolicy, device: str, repeats: int) -> tuple[float, float]:
+    """Median ms of one chunk, plain and RTC-guided (what the RTC engine calls each re-plan)."""
+    from lerobot.policies.rtc.configuration_rtc import RTCConfig
+
+    batch = fake_batch(policy, device)
+
+    def timed(**kwargs) -> float:
+        times = []
+        for _ in range(repeats + 2):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            policy.predict_action_chunk(batch, **kwargs)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times[2:])  # two warm-ups
+
+    plain = timed()
+    prefix = policy.predict_action_chunk(batch)[0]  # (T, A): a committed chunk to be guided toward
+    policy.config.rtc_config = RTCConfig(execution_horizon=policy.config.chunk_size)
+    policy.init_rtc_processor()
+    guided = timed(inference_delay=2, prev_chunk_left_over=prefix[3:])
+    policy.config.rtc_config = None
+    policy.init_rtc_processor()
+    return plain, guided
+
+
+def preset_policy(preset: str, device: str, dtype: str) -> KIPolicy:
+    from lerobot.configs import FeatureType, PolicyFeature
+
+    from lerobot_ki.configuration_ki import KIConfig
+
+    size = 224 if preset == "real" else 64
+    cfg = KIConfig(
+        paligemma_variant="gemma_2b" if preset == "real" else "tiny",
+        action_expert_variant="gemma_300m" if preset == "real" else "tiny",
+        text_tokenizer="byte",  # offline; the prompt length, not the vocabulary, sets the cost
+        tokenizer_max_length=200 if preset == "real" else 96,
+        image_resolution=(size, size),
+        dtype=dtype,
+        device=device,
+    )
+    cfg.input_features = {
+        f"observation.images.{cam}": PolicyFeature(FeatureType.VISUAL, (3, size, size))
+        for cam in ("top", "wrist")
+    }
+    cfg.input_features["observation.state"] = PolicyFeature(FeatureType.STATE, (6,))
+    cfg.output_features = {"action": PolicyFeature(FeatureType.ACTION, (6,))}
+    return KIPolicy(cfg).to(device).eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--policy.path", dest="policy_path")
+    p.add_argument("--preset", choices=("tiny", "real"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--fps", type=int, default=10)
+    p.add_argument("--task", default="push the red block left")
+    p.add_argument("--image-size", type=int, default=224, help="the test robot's camera frames (square)")
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    if bool(args.policy_path) == bool(args.preset):
+        raise SystemExit("pass one of --policy.path (rollout + chunk timing) or --preset (chunk timing)")
+
+    if args.preset:
+        policy = preset_policy(args.preset, args.device, args.dtype)
+        device = args.device
+    else:
+        policy = KIPolicy.from_pretrained(args.policy_path).to("cpu").eval()
+        device = "cpu"
+    plain, guided = chunk_latency_ms(policy, device, args.repeats)
+    cfg = policy.config
+    print(
+        f"\none chunk ({cfg.chunk_size} steps, {cfg.num_inference_steps} Euler steps, batch 1, {device}, "
+        f"{cfg.paligemma_variant}+{cfg.action_expert_variant}, {cfg.image_resolution[0]} px, {cfg.dtype}):"
+    )
+    print(f"| sync chunk | RTC-guided chunk |\n|---|---|\n| {plain:.1f} ms | {guided:.1f} ms |")
+    if not args.policy_path:
+        return
+
+    # LeRobot's defaults (guide 10 steps, re-plan when 30 are left), scaled down for short chunks.
+    rtc = [
+        "--inference.type=rtc",
+        f"--inference.rtc.execution_horizon={min(10, cfg.chunk_size)}",
+        f"--inference.queue_threshold={min(30, cfg.chunk_size - 2)}",
+    ]
+    print(
+        f"\nlerobot-rollout on the test robot, {args.fps} Hz target, {args.seconds:.0f} s, sentry + video "
+        f"of two {args.image_size} px cameras:"
+    )
+    print("| inference | commands | first after | achieved Hz | tick p50 | tick p99 | tick max | max jump |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in (("sync", []), ("rtc", rtc)):
+            r = rollout_ticks(args.policy_path, Path(tmp) / name, args, extra)
+            print(
+                f"| {name} | {r['commands']} | {r['first_s']:.2f} s | {r['hz']:.2f} | {r['p50_ms']:.0f} ms "
+                f"| {r['p99_ms']:.0f} ms | {r['max_ms']:.0f} ms | {r['max_jump']:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
