@@ -54,6 +54,7 @@ class KIModel(PI05Pytorch):
         if config.state_mode == "continuous":
             self.state_proj = nn.Linear(config.max_state_dim, backbone.width)
         self.gradient_checkpointing_enabled = False
+        self._compiled_velocity: Callable[..., Tensor] | None = None  # config.compile_expert, built lazily
 
     # --- the prefix: images + prompt (+ a continuous state token) ------------------------------------
     def embed_prefix(
@@ -250,10 +251,7 @@ class KIModel(PI05Pytorch):
         def velocity(x_t: Tensor, time: Tensor) -> Tensor:
             return expert(prefix_kv, prefix_pad, x_t, time)
 
-        rtc = self.rtc_processor
-        if self._rtc_enabled() or (
-            rtc is not None and rtc.is_debug_enabled()
-        ):  # LeRobot's loop owns the RTC guidance and its debug tracking
+        if self.rtc_guided():  # LeRobot's loop owns the RTC guidance and its debug tracking
             return euler_integrate(
                 velocity,
                 noise,
@@ -266,10 +264,16 @@ class KIModel(PI05Pytorch):
             )
         return euler_steps(velocity, noise, num_steps)
 
-    def _inference_velocity(self):
+    def rtc_guided(self) -> bool:
+        """RTC guidance or its debug tracking is on: sampling goes through LeRobot's `euler_integrate`
+        (autograd per step), which a CUDA graph cannot record."""
+        rtc = self.rtc_processor
+        return self._rtc_enabled() or (rtc is not None and rtc.is_debug_enabled())
+
+    def _inference_velocity(self) -> Callable[..., Tensor]:
         if not self.config.compile_expert:
             return self.velocity
-        if getattr(self, "_compiled_velocity", None) is None:
+        if self._compiled_velocity is None:
             self._compiled_velocity = torch.compile(self.velocity, dynamic=False)
         return self._compiled_velocity
 

@@ -460,9 +460,7 @@ class KIPolicy(PreTrainedPolicy):
         return super()._apply(fn, *args, **kwargs)
 
     def _can_graph(self, tokens: Tensor) -> bool:
-        rtc = self.rtc_processor
-        guided = self._rtc_enabled() or (rtc is not None and rtc.is_debug_enabled())
-        return self.config.cuda_graphs and tokens.is_cuda and not guided
+        return self.config.cuda_graphs and tokens.is_cuda and not self.model.rtc_guided()
 
     def _decode_fast(self, prefix_embs: Tensor, prefix_pad: Tensor) -> Tensor:
         """pi0-FAST style: the backbone decodes FAST tokens, the tokenizer turns them into actions. A

@@ -82,14 +82,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_cpu_ranks_train_in_lockstep(tmp_path, dataset_root, offline_env, tiny_train_args):
-    wrapper = tmp_path / "ki_train_dump.py"
-    wrapper.write_text(WRAPPER)
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    output_dir = tmp_path / "run"
-    env = {**offline_env, "KI_TEST_DUMP_DIR": str(dump), "ACCELERATE_USE_CPU": "true"}
-    cmd = [
+def two_cpu_processes(script) -> list[str]:
+    """`accelerate launch` of `script` as 2 DDP processes on CPU (with ACCELERATE_USE_CPU=true in the env:
+    `--cpu --num_processes 2` starts only one process)."""
+    return [
         venv_script("accelerate"),
         "launch",
         "--multi_gpu",
@@ -103,7 +99,19 @@ def test_ddp_two_cpu_ranks_train_in_lockstep(tmp_path, dataset_root, offline_env
         "no",
         "--main_process_port",
         str(free_port()),
-        str(wrapper),
+        str(script),
+    ]
+
+
+def test_ddp_two_cpu_ranks_train_in_lockstep(tmp_path, dataset_root, offline_env, tiny_train_args):
+    wrapper = tmp_path / "ki_train_dump.py"
+    wrapper.write_text(WRAPPER)
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    output_dir = tmp_path / "run"
+    env = {**offline_env, "KI_TEST_DUMP_DIR": str(dump), "ACCELERATE_USE_CPU": "true"}
+    cmd = [
+        *two_cpu_processes(wrapper),
         *tiny_train_args(
             dataset_root,
             output_dir,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import logged_metric, logged_steps, run_logged, venv_script
-from test_distributed import free_port
+from conftest import logged_metric, logged_steps, run_logged
+from test_distributed import two_cpu_processes
 from vlm_fixtures import colour_records, save_hf_dataset
 
 STEPS = 3
@@ -57,20 +57,7 @@ def test_ddp_processes_read_disjoint_vlm_shards(tmp_path, dataset_root, offline_
     dump.mkdir()
     env = {**offline_env, "KI_TEST_DUMP_DIR": str(dump), "ACCELERATE_USE_CPU": "true"}
     cmd = [
-        venv_script("accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(wrapper),
+        *two_cpu_processes(wrapper),
         *tiny_train_args(
             dataset_root,
             tmp_path / "run",
