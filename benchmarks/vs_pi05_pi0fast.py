@@ -1,20 +1,22 @@
 """ki_vla against LeRobot's pi05 and pi0_fast, same size and same inputs, in one run: inference latency per
 action chunk (batch 1; 1, 2, 3 cameras), training step time (forward + backward + AdamW) and peak memory
-(batch 8 and 32). Medians over repeats after warm-up. Prints a markdown table; `--json` keeps the numbers.
+(batch 8 and 32; on CPU 8). Medians over repeats after warm-up. Prints a markdown table; `--json` keeps
+every measurement. ki_vla is measured once per optimisation step (`--ki-variants final` skips that).
 
     # GPU, full size (PaliGemma 3B + Gemma 300M expert), bf16
     HF_HUB_OFFLINE=1 python benchmarks/vs_pi05_pi0fast.py --size full --device cuda
-    # CPU: real widths, fewer layers (see SIZES), small images
+    # CPU: the smallest size all three build (see SIZES), about 10 minutes on 2 cores
     HF_HUB_OFFLINE=1 python benchmarks/vs_pi05_pi0fast.py --size cpu
 
-What is held equal: the backbone and expert sizes (LeRobot's pi05 only builds with a 2048-wide backbone, so
-the CPU size patches `get_gemma_config` in pi05, pi0_fast and ki_vla alike to fewer layers of the real
-widths), dtype, images, prompt (padded to 200 tokens, as all three processors do), 10 flow steps, chunk 50.
-The peers run as LeRobot runs them; nothing in LeRobot's files is modified. pi0_fast cannot be built
-offline (its constructor downloads the FAST and PaliGemma tokenizers), so it is handed local stand-ins
-(`_LocalTokenizers`); its decoding is timed for exactly `--fast-tokens` greedy tokens (the stand-in's
-end-of-action id never matches) and its detokenisation (a CPU step) is not timed. Its training batch
-carries FAST tokens padded to its `max_action_tokens` (256), as its processor makes them.
+What is held equal: the backbone and expert sizes (LeRobot's pi05 only builds with a 2048-wide backbone and
+pi0_fast only at 224 px, so the CPU size patches pi05, pi0_fast and ki_vla alike, in this process: fewer
+layers, narrower MLPs, a shallower SigLIP), dtype, images, prompt (padded to 200 tokens, as all three
+processors do), 10 flow steps, chunk 50. The peers run as LeRobot runs them; nothing in LeRobot's files is
+modified. pi0_fast cannot be built offline (its constructor downloads the FAST and PaliGemma tokenizers),
+so it is handed local stand-ins (`_LocalTokenizers`); its decoding is timed for exactly `--fast-tokens`
+greedy tokens (the stand-in's end-of-action id never matches) and its detokenisation (a CPU step) is not
+timed. Its training batch carries FAST tokens padded to its `max_action_tokens` (256), as its processor
+makes them.
 """
 
 from __future__ import annotations
