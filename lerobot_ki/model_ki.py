@@ -205,6 +205,7 @@ class KIModel(PI05Pytorch):
         """One backbone pass over [prefix | ids] (prefix-LM: ids causal) and the next-token CE on `ids`
         only. Returns hidden (B, Lp + L, D), per-layer K/V, the mean CE and the token accuracy."""
         bsz, n_prefix = prefix_pad.shape
+        mask = mask.bool()
         embs = self.paligemma_with_expert.embed_language_tokens(ids).to(prefix_embs.dtype)
         hidden, kv = self._backbone(
             torch.cat([prefix_embs, embs], dim=1),
@@ -222,11 +223,12 @@ class KIModel(PI05Pytorch):
             dim=1,
         )  # (B, L)
         pred_hidden = hidden.gather(1, pred_idx[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = self.paligemma_with_expert.lm_logits(pred_hidden)  # (B, L, V)
-        ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(mask)
+        # The vocabulary-wide head only where there is a target: padding slots would cost as much.
+        targets = ids[mask]  # (N,)
+        logits = self.paligemma_with_expert.lm_logits(pred_hidden[mask])  # (N, V)
         n_tokens = mask.sum().clamp(min=1)
-        loss = (ce * mask).sum() / n_tokens
-        acc = ((logits.argmax(-1) == ids) & mask).sum() / n_tokens
+        loss = F.cross_entropy(logits, targets, reduction="sum") / n_tokens
+        acc = (logits.argmax(-1) == targets).sum() / n_tokens
         return hidden, kv, loss, acc
 
     # --- inference ----------------------------------------------------------------------------------

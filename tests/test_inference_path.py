@@ -1,6 +1,7 @@
-"""The sped-up inference path computes what LeRobot's pi05 pieces compute: its graph-safe embeddings,
-its device-side Euler loop and the prompt trimming change no number. (The CUDA-graph replay itself needs
-a GPU: `benchmarks/vs_pi05_pi0fast.py` checks it against the eager path on every GPU run.)"""
+"""The sped-up paths compute what the plain ones compute: the graph-safe embeddings (against pi05's), the
+device-side Euler loop (against LeRobot's), the prompt trimming and the FAST CE on valid slots only change
+no number. (The CUDA-graph replay needs a GPU: `benchmarks/vs_pi05_pi0fast.py` checks it against the eager
+sampler on every GPU run.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import pytest
 import torch
 from lerobot.policies.common.flow_matching import euler_integrate
 from lerobot.policies.pi05.modeling_pi05 import PI05Pytorch
-from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+from lerobot.utils.constants import (
+    ACTION_TOKEN_MASK,
+    ACTION_TOKENS,
+    OBS_LANGUAGE_ATTENTION_MASK,
+    OBS_LANGUAGE_TOKENS,
+)
 from synthetic_dataset import make_dataset
 from tiny_setup import batch_of, build
 
@@ -112,3 +118,26 @@ def test_one_call_sampler_equals_the_policy_path(tiny):
     one_call = policy._graphable_sample(*images, *img_masks, tokens, masks, state, noise.clone())
     chunk = policy.predict_action_chunk(batch, noise=noise.clone())
     assert torch.equal(one_call[:, :, : chunk.shape[-1]], chunk)
+
+
+def test_fast_ce_on_valid_slots_only_equals_the_masked_mean_over_all_slots(tiny):
+    policy, batch = tiny
+    model = policy.model
+    prefix_embs, prefix_pad = policy._prefix(batch)
+    ids, mask = batch[ACTION_TOKENS], batch[ACTION_TOKEN_MASK].bool()
+    assert (~mask).any() and mask.any()  # the batch has padding slots, so skipping them is exercised
+    hidden, _, loss, acc = model.next_token_ce(prefix_embs, prefix_pad, ids, mask)
+    # Reference: logits on every slot (slot j predicted from position j-1, slot 0 from the last prompt
+    # token), CE averaged over the valid ones.
+    n_prefix = prefix_pad.shape[1]
+    last = n_prefix - 1 - prefix_pad.flip(-1).int().argmax(-1)
+    rows = []
+    for b in range(ids.shape[0]):
+        idx = torch.cat([last[b : b + 1], n_prefix + torch.arange(ids.shape[1] - 1)])
+        rows.append(model.paligemma_with_expert.lm_logits(hidden[b, idx][None])[0])
+    logits = torch.stack(rows)  # (B, L, V)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none")
+    ref_loss = (ce.view_as(mask) * mask).sum() / mask.sum()
+    ref_acc = ((logits.argmax(-1) == ids) & mask).sum() / mask.sum()
+    assert torch.allclose(loss, ref_loss, rtol=1e-5) and loss > 0
+    assert torch.allclose(acc, ref_acc)
