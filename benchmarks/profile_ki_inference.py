@@ -14,6 +14,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 from vs_pi05_pi0fast import CHUNK, SIZES, build, make_batch, use_cameras
 
+from lerobot_ki.model_ki import euler_steps
+
 N_CAMS = 2
 
 
@@ -26,10 +28,7 @@ def phases(policy, batch) -> None:
         _, kv = model.prefill(embs, pad)
     noise = torch.randn(1, CHUNK, policy.config.max_action_dim, device="cuda")
     with record_function("expert x10"):
-        x = noise
-        for step in range(10):
-            t = torch.full((1,), 1.0 - step / 10, device="cuda")
-            x = x - 0.1 * model.velocity(kv, pad, x, t)
+        euler_steps(lambda x_t, t: model.velocity(kv, pad, x_t, t), noise, 10)
     torch.cuda.synchronize()
 
 

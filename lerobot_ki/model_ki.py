@@ -280,14 +280,14 @@ class KIModel(PI05Pytorch):
         return self._compiled_velocity
 
     @torch.no_grad()
-    def sample_from_inputs(self, *inputs: Tensor, n_cameras: int, num_steps: int) -> Tensor:
-        """Observation -> chunk in one call with no host sync, the unit a CUDA graph records.
-        `inputs` = n_cameras images (B, 3, H, W) in [-1, 1], n_cameras masks (B,), prompt ids and mask
-        (B, L), state (B, S) or an empty tensor, noise (B, T, A)."""
+    def sample_from_inputs(self, *inputs: Tensor, n_cameras: int, num_steps: int, **rtc_kwargs) -> Tensor:
+        """Observation -> chunk in one call, with no host sync unless RTC guides it: the unit a CUDA graph
+        records. `inputs` = n_cameras images (B, 3, H, W) in [-1, 1], n_cameras masks (B,), prompt ids and
+        mask (B, L), state (B, S) or an empty tensor, noise (B, T, A)."""
         images, img_masks = list(inputs[:n_cameras]), list(inputs[n_cameras : 2 * n_cameras])
         tokens, masks, state, noise = inputs[2 * n_cameras :]
         embs, pad = self.embed_prefix_with_state(images, img_masks, tokens, masks, state)
-        return self.sample_actions(embs, pad, noise=noise, num_steps=num_steps)
+        return self.sample_actions(embs, pad, noise=noise, num_steps=num_steps, **rtc_kwargs)
 
     @torch.no_grad()
     def generate(

@@ -336,15 +336,16 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
         inputs = (*images, *img_masks, tokens, masks, state, noise)
         if self._can_graph(tokens):
             if self._graphs is None:
-                self._graphs = CUDAGraphCache(self._graphable_sample)
+                self._graphs = CUDAGraphCache(self._sample_inputs)
             return self._graphs(*inputs)
-        prefix_embs, prefix_pad = self.model.embed_prefix_with_state(images, img_masks, tokens, masks, state)
-        return self.model.sample_actions(prefix_embs, prefix_pad, noise=noise, **rtc_kwargs)
+        return self._sample_inputs(*inputs, **rtc_kwargs)
 
-    def _graphable_sample(self, *inputs: Tensor) -> Tensor:
+    def _sample_inputs(self, *inputs: Tensor, **rtc_kwargs) -> Tensor:
+        """`KIModel.sample_from_inputs` on the flat tensors of `_sample_flow`: the call a CUDA graph records
+        (no RTC then), or runs eagerly."""
         n_cameras = (len(inputs) - 4) // 2
         return self.model.sample_from_inputs(
-            *inputs, n_cameras=n_cameras, num_steps=self.config.num_inference_steps
+            *inputs, n_cameras=n_cameras, num_steps=self.config.num_inference_steps, **rtc_kwargs
         )
 
     def train(self, mode: bool = True) -> KIPolicy:

@@ -111,11 +111,14 @@ def test_prompt_trimming_leaves_the_training_losses_unchanged(tiny, monkeypatch)
     assert losses[0]["loss_flow"] > 0 and losses[0]["loss_fast_ce"] > 0
 
 
-def test_one_call_sampler_equals_the_policy_path(tiny):
+def test_one_call_sampler_equals_prefill_then_expert_steps(tiny):
     policy, batch = tiny
     noise = torch.randn(3, policy.config.chunk_size, policy.config.max_action_dim)
     images, img_masks, tokens, masks, state = policy._model_inputs(batch)
-    one_call = policy._graphable_sample(*images, *img_masks, tokens, masks, state, noise.clone())
+    one_call = policy._sample_inputs(*images, *img_masks, tokens, masks, state, noise.clone())
+    embs, pad = policy.model.embed_prefix_with_state(images, img_masks, tokens, masks, state)
+    two_calls = policy.model.sample_actions(embs, pad, noise=noise.clone())
+    assert torch.equal(one_call, two_calls)
     chunk = policy.predict_action_chunk(batch, noise=noise.clone())
     assert torch.equal(one_call[:, :, : chunk.shape[-1]], chunk)
 
