@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from synthetic_dataset import make_dataset
-from tiny_setup import batch_of, build
+from tiny_setup import batch_of, build, train_steps
 
 STEPS = 300
 BATCH = 8
@@ -35,16 +35,7 @@ def test_losses_fall_and_sampled_actions_improve(tmp_path):
     action_var = torch.cat([b["action"][~b["action_is_pad"]] for b in eval_batches]).var(0).mean().item()
 
     mse_before = _sampled_action_mse(policy, eval_batches)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
-    policy.train()
-    history = []
-    for step in range(STEPS):
-        loss, info = policy.forward(batches[step % len(batches)])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        history.append(info)
+    history = train_steps(policy, batches, STEPS)
     mse_after = _sampled_action_mse(policy, eval_batches)
 
     def avg(key, part):

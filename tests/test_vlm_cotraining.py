@@ -13,7 +13,7 @@ import torch
 from conftest import logged_metric, logged_steps, run_logged, venv_script
 from safetensors.torch import load_file
 from synthetic_dataset import make_dataset
-from tiny_setup import batch_of, build
+from tiny_setup import batch_of, build, train_steps
 from vlm_fixtures import COLOUR_NAMES, PROMPT, colour_records, save_hf_dataset
 
 from lerobot_ki.modeling_ki import KIPolicy
@@ -163,16 +163,7 @@ def test_colour_task_is_learned_while_robot_training_continues(roots):
 
     frames = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
     batches = [batch_of(ds, pre, frames[i : i + 4]) for i in range(0, len(frames) - 3, 4)]
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
-    policy.train()
-    history = []
-    for step in range(steps := 100):
-        loss, info = policy.forward(batches[step % len(batches)])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        history.append(info)
+    history = train_steps(policy, batches, steps := 100)
     acc_after = _colour_accuracy(policy, images, answers)
     print(f"colour accuracy on 32 held-out images: {acc_before:.2f} -> {acc_after:.2f} after {steps} steps")
 
