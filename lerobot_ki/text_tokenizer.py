@@ -69,6 +69,12 @@ class VocabLayout:
         fast = (lm_ids - self.fast_offset) * self.fast_sign
         return torch.where((fast >= 0) & (fast < self.fast_vocab_size), fast, torch.full_like(fast, -1))
 
+    @property
+    def text_vocab_size(self) -> int:
+        """Ids of the text tokenizer itself: the byte layout appends its FAST ids after them, PaliGemma's
+        places them inside its vocabulary."""
+        return self.fast_offset if self.fast_sign == 1 else self.vocab_size
+
     def fast_lm_range(self) -> tuple[int, int]:
         """[lo, hi) of LM ids that are FAST tokens (used to constrain decoding)."""
         ends = [self.fast_offset, self.fast_offset + self.fast_sign * (self.fast_vocab_size - 1)]

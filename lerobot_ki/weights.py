@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from lerobot_ki.configuration_ki import PALIGEMMA_TOKENIZER, KIConfig
-from lerobot_ki.variants import PALIGEMMA_VOCAB_SIZE, VISION_VARIANTS
+from lerobot_ki.text_tokenizer import vocab_layout
+from lerobot_ki.variants import VISION_VARIANTS
 
 if TYPE_CHECKING:
     from lerobot_ki.modeling_ki import KIPolicy
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PI05_TYPE = "pi05"
+# Rows a transformers PaliGemma checkpoint may hold after its text vocabulary (<image> + padding to 64).
+VOCAB_PADDING = 64
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
 
@@ -235,11 +238,17 @@ def _check(
         theirs, mine = tuple(shapes[plan[key].key]), tuple(ours[key])
         if theirs == mine:
             continue
-        if key in (EMBED, LM_HEAD) and theirs[1:] == mine[1:] and theirs[0] > mine[0] == PALIGEMMA_VOCAB_SIZE:
-            # transformers' PaliGemma appends an <image> token and pads the vocabulary to a multiple of 64
-            # (257216 rows); the tokenizer never emits those ids and ki_vla embeds images directly.
-            plan[key] = _Take(plan[key].key, rows=mine[0])
-            report.notes.append(f"{key.removeprefix(PALIGEMMA)}: rows {mine[0]}..{theirs[0] - 1} dropped")
+        text_rows = vocab_layout(config.text_tokenizer, config.fast_vocab_size).text_vocab_size
+        if key in (EMBED, LM_HEAD) and theirs[1:] == mine[1:] and 0 <= theirs[0] - text_rows <= VOCAB_PADDING:
+            # transformers' PaliGemma appends an <image> token after the text vocabulary and pads it to a
+            # multiple of 64 (257216 rows); the tokenizer never emits those ids and ki_vla embeds images
+            # directly. The byte layout appends its FAST ids after the text ids: those rows are new.
+            plan[key] = _Take(plan[key].key, rows=text_rows)
+            name = key.removeprefix(PALIGEMMA)
+            if theirs[0] > text_rows:
+                report.notes.append(f"{name}: checkpoint rows {text_rows}..{theirs[0] - 1} dropped")
+            if mine[0] > text_rows:
+                report.notes.append(f"{name}: rows {text_rows}..{mine[0] - 1} (FAST ids) keep their init")
             continue
         hint = _shape_hint(key, theirs, mine, config)
         problems.append(f"{key}: checkpoint {theirs} vs ki_vla {mine} -> {hint}")
@@ -270,8 +279,16 @@ def _few(keys: list[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
-def _materialize(plan: dict[str, _Take], get: Callable[[str], Tensor]) -> dict[str, Tensor]:
-    return {k: get(t.key)[: t.rows] if t.rows is not None else get(t.key) for k, t in plan.items()}
+def _materialize(plan: dict[str, _Take], get: Callable[[str], Tensor], policy: KIPolicy) -> dict[str, Tensor]:
+    """The planned tensors; a partial-vocabulary one is completed with the policy's own remaining rows."""
+    ours = policy.state_dict()
+    out = {}
+    for k, take in plan.items():
+        value = get(take.key)
+        if take.rows is not None:
+            value = torch.cat([value[: take.rows], ours[k][take.rows :].to(value.dtype)])
+        out[k] = value
+    return out
 
 
 @torch.no_grad()
@@ -280,7 +297,10 @@ def _copy_into(policy: KIPolicy, plan: dict[str, _Take], get: Callable[[str], Te
     targets = policy.state_dict(keep_vars=True)
     for key, take in plan.items():
         value = get(take.key)
-        targets[key].copy_(value[: take.rows] if take.rows is not None else value)
+        if take.rows is None:
+            targets[key].copy_(value)
+        else:  # the leading (text) rows of a vocabulary-sized tensor
+            targets[key][: take.rows].copy_(value[: take.rows])
 
 
 # --- public: pi05 ----------------------------------------------------------------------------------------
@@ -298,7 +318,7 @@ def pi05_to_ki_state_dict(
         _drop_reason,
         _pi05_new_reason,
     )
-    return _materialize(plan, pi05_sd.__getitem__), report
+    return _materialize(plan, pi05_sd.__getitem__, ki_policy), report
 
 
 def load_pi05_weights(
@@ -349,7 +369,7 @@ def paligemma_to_ki_state_dict(
         _drop_reason,
         _paligemma_new_reason,
     )
-    return _materialize(plan, hf_sd.__getitem__), report
+    return _materialize(plan, hf_sd.__getitem__, ki_policy), report
 
 
 def load_paligemma_backbone(
