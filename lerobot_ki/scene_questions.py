@@ -6,7 +6,8 @@ object are, in the world and in the image, how open the gripper is); `questions_
 question logic is tested on hand-made facts.
 
 Answers are short words so that the byte tokenizer of the `tiny` preset spells them in a few tokens;
-with `loc_format="paligemma"` the two location questions answer in PaliGemma's `<locYYYY><locXXXX>`
+locations are a cell of an 8 x 8 grid ("row 5, column 6"); with `loc_format="paligemma"` the two
+location questions answer in PaliGemma's `<locYYYY><locXXXX>`
 tokens instead (1024 bins per image axis, y first, as PaliGemma's detection outputs).
 """
 
@@ -77,10 +78,12 @@ QUESTION_TYPES = (
     "gripper_state",
     "distance",
 )
-ROWS = ("top", "middle", "bottom")
-COLUMNS = ("left", "center", "right")
+# Location in words: the cell of an 8 x 8 grid over the image. The workspace fills only the middle of
+# LeRobot's Meta-World view (90% of gripper positions lie in x 0.44-0.77, y 0.39-0.69 of the image), where
+# a 3 x 3 grid would answer "middle center" two times in three.
+GRID = 8
 # Margins under which a relation is ambiguous to a viewer: such questions are not asked.
-LEFT_RIGHT_MARGIN = 0.04  # of the image width
+LEFT_RIGHT_MARGIN = 0.025  # of the image width (2.4 px at 96 px)
 ABOVE_BELOW_MARGIN_M = 0.03
 GRIPPER_OPEN_ABOVE = 0.8  # Meta-World's normalized finger distance (obs[3]): 1 = fully open
 GRIPPER_CLOSED_BELOW = 0.5
@@ -108,10 +111,10 @@ class QA:
 
 
 def grid_cell(xy: tuple[float, float]) -> str:
-    """(x, y) in image fractions -> "top left" ... "bottom right" (a 3x3 grid)."""
-    col = COLUMNS[min(2, max(0, int(xy[0] * 3)))]
-    row = ROWS[min(2, max(0, int(xy[1] * 3)))]
-    return f"{row} {col}"
+    """(x, y) in image fractions -> "row R, column C" of the GRID x GRID grid, counted from 1 at the top
+    left."""
+    col, row = (min(GRID - 1, max(0, int(v * GRID))) + 1 for v in xy)
+    return f"row {row}, column {col}"
 
 
 def loc_tokens(xy: tuple[float, float]) -> str:

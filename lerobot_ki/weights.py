@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lerobot_ki.configuration_ki import PALIGEMMA_TOKENIZER, KIConfig
 from lerobot_ki.text_tokenizer import vocab_layout
-from lerobot_ki.variants import VISION_VARIANTS
+from lerobot_ki.variants import PALIGEMMA_VOCAB_SIZE, VISION_VARIANTS
 
 if TYPE_CHECKING:
     from lerobot_ki.modeling_ki import KIPolicy
@@ -265,10 +265,15 @@ def _shape_hint(key: str, theirs: tuple[int, ...], mine: tuple[int, ...], config
     if key.endswith("position_embedding.weight"):
         side = math.isqrt(theirs[0]) * VISION_VARIANTS[config.paligemma_variant].patch_size
         return f"pass --policy.image_resolution=[{side},{side}]"
-    if key in (EMBED, LM_HEAD):
+    if key in (EMBED, LM_HEAD) and theirs[0] >= PALIGEMMA_VOCAB_SIZE:
         return (
             "the checkpoint has the PaliGemma vocabulary: leave --policy.text_tokenizer unset (or a Gemma "
             "tokenizer dir), not `byte`"
+        )
+    if key in (EMBED, LM_HEAD):
+        return (
+            f"the checkpoint has a {theirs[0]}-row vocabulary, not PaliGemma's: a backbone of the byte "
+            "tokenizer (260 text ids + <image>) needs --policy.text_tokenizer=byte"
         )
     if key.startswith((EXPERT, "model.action_", "model.time_mlp_")):
         return "a different --policy.action_expert_variant"

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             gen = policy_generator(policy, max_answer_tokens(records, policy.text_tokenizer))
             with torch.no_grad():
                 report = score(records, answer_all(gen, records, args.batch_size, args.progress), reference)
-            results[str(folder)] = report.as_dict()
+            results[str(folder)] = {"scores": report.as_dict(), "predictions": report.predictions}
             print(f"### {folder} ({len(records)} questions)\n\n{report.table()}\n")
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -30,13 +30,14 @@ from collections import Counter, defaultdict
 from io import BytesIO
 from pathlib import Path
 
-from lerobot_ki.scene_questions import QUESTION_TYPES, TASK_OBJECTS, questions_for
+from lerobot_ki.scene_questions import QUESTION_TYPES, TASK_OBJECTS, SceneFacts, questions_for
 
 SPLITS = ("train", "heldout_scenes", "heldout_tasks")
 # Tasks the robot experiments act in stay in training: the corpus is about the scenes the robot will see.
 ROBOT_TASKS = ("button-press-topdown-v3", "drawer-open-v3", "reach-v3", "push-v3", "pick-place-v3")
 JSONL = "corpus.jsonl"
 META = "corpus.json"
+NOT_CONTENT = ("output_dir", "overwrite", "progress", "workers")
 SCENES = "scenes.json"  # per image: the simulator facts its answers were read from
 
 
@@ -57,33 +58,35 @@ def heldout_task_rule(n: int, seed: int, keep: tuple[str, ...] = ROBOT_TASKS) ->
     return sorted(held)
 
 
-def _render_job(job: tuple) -> tuple[str, str, list[tuple[str, bytes, list[dict], dict]]]:
-    """One (split, task): its scenes as (image name, PNG bytes, records, facts). Runs in a worker."""
+def _render_job(job: tuple) -> tuple[str, str, list[tuple[str, bytes, dict]]]:
+    """One (split, task): its scenes as (image name, PNG bytes, scene record). Runs in a worker."""
     from PIL import Image
 
     from lerobot_ki.metaworld_scenes import task_scenes
 
-    split, task, seeds, frames, max_step, resolution, loc_format = job
+    split, task, seeds, frames, max_step, resolution = job
     out = []
     for scene in task_scenes(task, seeds, frames, max_step, resolution):
         name = f"images/{task.removesuffix('-v3')}_s{scene.seed}_t{scene.step:03d}.png"
         buf = BytesIO()
         Image.fromarray(scene.image).save(buf, format="PNG")
-        records = [
-            {
-                "image": name,
-                "prompt": qa.prompt,
-                "answer": qa.answer,
-                "type": qa.type,
-                "task": task,
-                "seed": scene.seed,
-                "step": scene.step,
-            }
-            for qa in questions_for(scene.facts, loc_format)
-        ]
-        facts = {"image": name, **dataclasses.asdict(scene.facts)}
-        out.append((name, buf.getvalue(), records, facts))
+        record = {"image": name, "seed": scene.seed, "step": scene.step, **dataclasses.asdict(scene.facts)}
+        out.append((name, buf.getvalue(), record))
     return split, task, out
+
+
+def questions_of(scene: dict, loc_format: str) -> list[dict]:
+    """The VQA records of one scene record (as `scenes.json` holds it): its questions and answers."""
+    facts = SceneFacts(**{f.name: _tuple(scene[f.name]) for f in dataclasses.fields(SceneFacts)})
+    common = {"image": scene["image"], "task": facts.task, "seed": scene["seed"], "step": scene["step"]}
+    return [
+        {**common, "prompt": qa.prompt, "answer": qa.answer, "type": qa.type}
+        for qa in questions_for(facts, loc_format)
+    ]
+
+
+def _tuple(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 def make_corpus(args: argparse.Namespace) -> dict:
@@ -109,7 +112,7 @@ def make_corpus(args: argparse.Namespace) -> dict:
         "heldout_tasks": [(t, held_seeds, args.heldout_frames_per_episode) for t in heldout],
     }
     jobs = [
-        (split, task, seeds, frames, args.max_step, args.resolution, args.loc_format)
+        (split, task, seeds, frames, args.max_step, args.resolution)
         for split in SPLITS
         for task, seeds, frames in plan[split]
     ]
@@ -126,10 +129,10 @@ def make_corpus(args: argparse.Namespace) -> dict:
         with ctx.Pool(args.workers) as pool:
             # imap keeps job order, so the files are the same whatever the number of workers.
             for split, task, scenes in pool.imap(_render_job, jobs):
-                for name, png, records, facts in scenes:
+                for name, png, scene in scenes:
                     (out / split / name).write_bytes(png)
-                    scene_facts[split].append(facts)
-                    for rec in records:
+                    scene_facts[split].append(scene)
+                    for rec in questions_of(scene, args.loc_format):
                         files[split].write(json.dumps(rec, sort_keys=True) + "\n")
                         counts[split][rec["type"]][rec["answer"]] += 1
                 bar.update(len(scenes))
@@ -141,7 +144,8 @@ def make_corpus(args: argparse.Namespace) -> dict:
     for split in SPLITS:  # not *.jsonl: the VLM reader takes every *.jsonl of the folder as records
         (out / split / SCENES).write_text(json.dumps(scene_facts[split], indent=0, sort_keys=True) + "\n")
     meta = {
-        "arguments": {k: v for k, v in sorted(vars(args).items()) if k not in ("progress", "workers")},
+        # What determines the contents (not where they went or how fast): same arguments, same bytes.
+        "arguments": {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONTENT},
         "tasks": {"train": train_tasks, "heldout_scenes": train_tasks, "heldout_tasks": heldout},
         "question_types": list(QUESTION_TYPES),
         "answers": {s: {t: dict(sorted(c.items())) for t, c in sorted(counts[s].items())} for s in SPLITS},
