@@ -29,8 +29,9 @@ from lerobot_ki.fast import FASTDecodeError, FASTTokenizer
 from lerobot_ki.fast_artifacts import fast_from_tensor, fast_to_tensor, resolve_fast_tokenizer
 from lerobot_ki.model_ki import KIModel
 from lerobot_ki.policy_vlm import VLMPolicyMixin
-from lerobot_ki.text_tokenizer import TextTokenizer, vocab_layout
+from lerobot_ki.text_tokenizer import TextTokenizer
 from lerobot_ki.vlm_cotraining import STATE_KEY, VLMCoTraining
+from lerobot_ki.vocabulary import VocabLayout, layout_with_placement, vocab_layout
 from lerobot_ki.weights import (
     PI05_TYPE,
     checkpoint_file,
@@ -42,6 +43,7 @@ from lerobot_ki.weights import (
 logger = logging.getLogger(__name__)
 
 EMPTY_CAMERA = "empty_camera_"
+PLACEMENT_KEY = "fast_token_placement"  # (fast_offset, fast_sign) of the VocabLayout the weights use
 PROMPT_LENGTH_MULTIPLE = 16
 
 
@@ -59,9 +61,12 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
         self._graphs: CUDAGraphCache | None = None
         config.validate_features()
         self.config = config
-        self.layout = vocab_layout(config.text_tokenizer, config.fast_vocab_size)
+        layout = vocab_layout(config.text_tokenizer, config.fast_vocab_size)
         self.init_rtc_processor()
-        self.model = KIModel(config, self.layout.vocab_size, rtc_processor=self.rtc_processor)
+        self.model = KIModel(config, layout.vocab_size, rtc_processor=self.rtc_processor)
+        # Where FAST ids sit in the vocabulary, saved with the weights they were trained with: checkpoints
+        # from before FAST moved below PaliGemma's <loc> tokens reload with their own placement.
+        self.register_buffer(PLACEMENT_KEY, torch.tensor(layout.placement, dtype=torch.long))
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         # The FAST tokenizer rides in model.safetensors; a checkpoint being loaded brings its own.
@@ -146,6 +151,9 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
             state_dict.pop(vlm_key, None)
         elif vlm_key not in state_dict:
             state_dict[vlm_key] = self.vlm_cotraining.state.clone()
+        if prefix + PLACEMENT_KEY not in state_dict:  # written before the placement was recorded
+            legacy = vocab_layout(self.config.text_tokenizer, self.config.fast_vocab_size, legacy=True)
+            state_dict[prefix + PLACEMENT_KEY] = torch.tensor(legacy.placement, dtype=torch.long)
         # The FAST tokenizer blob has the size of the saved tokenizer, not of the empty placeholder.
         key = prefix + "fast_tokenizer_state"
         if key in state_dict:
@@ -154,6 +162,13 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
             )
             self._fast = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def layout(self) -> VocabLayout:
+        """The vocabulary layout: the config's, with the FAST placement these weights were trained with."""
+        layout = vocab_layout(self.config.text_tokenizer, self.config.fast_vocab_size)
+        placement = self.fast_token_placement.tolist()
+        return layout_with_placement(layout, (placement[0], placement[1]))
 
     @property
     def fast_tokenizer(self) -> FASTTokenizer | None:

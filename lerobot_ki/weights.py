@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from lerobot_ki.configuration_ki import PALIGEMMA_TOKENIZER, KIConfig
-from lerobot_ki.variants import PALIGEMMA_VOCAB_SIZE, VISION_VARIANTS
+from lerobot_ki.variants import VISION_VARIANTS
+from lerobot_ki.vocabulary import PALIGEMMA_VOCAB_SIZE
 
 if TYPE_CHECKING:
     from lerobot_ki.modeling_ki import KIPolicy
@@ -63,6 +64,8 @@ WHY_PI0_STATE_PROJ = (
 )
 WHY_SIGLIP_HEAD = "SigLIP's attention-pooling head: PaliGemma feeds every patch token, the head is unused"
 WHY_FAST_STATE = "the FAST tokenizer is fitted on the fine-tuning dataset (the checkpoint has none)"
+FAST_PLACEMENT = "fast_token_placement"  # lerobot_ki.modeling_ki.PLACEMENT_KEY
+WHY_FAST_PLACEMENT = "FAST ids take this version's place in the vocabulary (below PaliGemma's <loc> tokens)"
 VLM_STATE = "vlm_cotraining.state"  # lerobot_ki.vlm_cotraining.STATE_KEY
 WHY_VLM_STATE = "VLM co-training counters start at zero"
 WHY_STATE_PROJ = "ki_vla's continuous state token (state_mode=continuous): pi05 writes the state as text"
@@ -154,6 +157,8 @@ def _drop_reason(key: str) -> str | None:
 def _pi05_new_reason(key: str) -> str | None:
     if key == FAST_STATE:
         return WHY_FAST_STATE
+    if key == FAST_PLACEMENT:
+        return WHY_FAST_PLACEMENT
     if key == VLM_STATE:
         return WHY_VLM_STATE
     if key.startswith("model.state_proj."):
@@ -164,6 +169,8 @@ def _pi05_new_reason(key: str) -> str | None:
 def _paligemma_new_reason(key: str) -> str | None:
     if key == FAST_STATE:
         return WHY_FAST_STATE
+    if key == FAST_PLACEMENT:
+        return WHY_FAST_PLACEMENT
     if not key.startswith(PALIGEMMA):
         return WHY_NOT_PALIGEMMA
     return None
