@@ -35,6 +35,7 @@ from lerobot.utils.constants import (
 )
 
 from lerobot_ki.configuration_ki import KIConfig
+from lerobot_ki.fast import FASTTokenizer
 from lerobot_ki.fast_artifacts import fast_from_tensor, fast_to_tensor, resolve_fast_tokenizer
 from lerobot_ki.text_tokenizer import TextTokenizer, load_text_tokenizer
 from lerobot_ki.vocabulary import VocabLayout, fast_to_lm, vocab_layout
@@ -272,6 +273,7 @@ class KIFastTokenizerStep(ProcessorStep):
 def make_ki_vla_pre_post_processors(
     config: KIConfig,
     dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None,
+    fast_tokenizer: FASTTokenizer | None = None,
 ) -> tuple[
     PolicyProcessorPipeline[dict[str, Any], dict[str, Any]],
     PolicyProcessorPipeline[PolicyAction, PolicyAction],
@@ -279,7 +281,7 @@ def make_ki_vla_pre_post_processors(
     _check_quantile_stats(config, dataset_stats)
     steps = make_default_policy_processor_steps(config, dataset_stats)
     layout = vocab_layout(config.text_tokenizer, config.fast_vocab_size)
-    fast = resolve_fast_tokenizer(config, dataset_stats)
+    fast = fast_tokenizer or resolve_fast_tokenizer(config, dataset_stats)
     input_steps: list[ProcessorStep] = [
         steps.rename_observations,
         steps.add_batch_dim,

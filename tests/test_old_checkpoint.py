@@ -14,6 +14,8 @@ from lerobot.policies.factory import make_pre_post_processors
 from safetensors.torch import load_file, save_file
 
 from lerobot_ki.modeling_ki import KIPolicy
+from lerobot_ki.processor_ki import text_tokenizer_of
+from lerobot_ki.text_generation import generate_text
 
 FIXTURE = Path(__file__).parent / "fixtures" / "main_9762e74"
 CAMERAS = ("observation.images.top", "observation.images.wrist")
@@ -58,5 +60,6 @@ def test_old_checkpoint_gives_the_same_outputs(old_checkpoint):
         assert info[key] == pytest.approx(numbers[key], rel=1e-5, abs=1e-6), key
     policy.eval()
 
-    texts = policy.generate_text(obs[CAMERAS[0]], "What colour is it?", max_new_tokens=6)
+    tok = text_tokenizer_of(pre)
+    texts = generate_text(policy.model, tok, obs[CAMERAS[0]], "What colour is it?", max_new_tokens=6)
     assert texts == numbers["texts"]

@@ -8,8 +8,9 @@ import torch
 from tiny_setup import tiny_config
 
 from lerobot_ki.configuration_ki import PALIGEMMA_TOKENIZER
-from lerobot_ki.modeling_ki import PLACEMENT_KEY, KIPolicy
+from lerobot_ki.modeling_ki import KIPolicy
 from lerobot_ki.processor_ki import KIFastTokenizerStep
+from lerobot_ki.vla_model import PLACEMENT_KEY
 from lerobot_ki.vocabulary import (
     PALIGEMMA_LOC_IDS,
     PALIGEMMA_SEG_IDS,
@@ -67,18 +68,18 @@ def test_processor_fast_step_writes_the_layouts_ids():
 
 def test_checkpoints_keep_their_placement_and_unknown_ones_are_refused():
     policy = KIPolicy(tiny_config())
-    assert policy.layout == vocab_layout("byte", policy.config.fast_vocab_size)
-    assert policy.state_dict()[PLACEMENT_KEY].tolist() == [260, 1]
+    assert policy.model.layout == vocab_layout("byte", policy.config.fast_vocab_size)
+    assert policy.state_dict()["model." + PLACEMENT_KEY].tolist() == [260, 1]
     # A PaliGemma-vocabulary checkpoint from before the move records no placement: it reloads with the
     # legacy one, so its FAST ids mean what they meant in training.
     policy = KIPolicy(tiny_config(text_tokenizer=PALIGEMMA_TOKENIZER, fast_vocab_size=1024))
     pali = vocab_layout(PALIGEMMA_TOKENIZER, 1024)
     legacy = vocab_layout(PALIGEMMA_TOKENIZER, 1024, legacy=True)
-    assert policy.layout == pali
+    assert policy.model.layout == pali
     old = policy.state_dict()
-    old.pop(PLACEMENT_KEY)
+    old.pop("model." + PLACEMENT_KEY)
     policy.load_state_dict(old)
-    assert policy.layout == legacy
+    assert policy.model.layout == legacy
     assert layout_with_placement(pali, legacy.placement) == legacy
     with pytest.raises(ValueError, match="no ki_vla version wrote"):
         layout_with_placement(pali, (1234, 1))

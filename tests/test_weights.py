@@ -121,7 +121,7 @@ def _write_pi05_checkpoint(root: Path, source: KIPolicy, cfg: KIConfig) -> Path:
         key = key.removeprefix("model.").replace("time_mlp_", "action_time_mlp_")
         pi05[key] = value.contiguous()
     width = source.model.action_in_proj.out_features
-    pi05[EXPERT_LM_HEAD.removeprefix("model.")] = torch.randn(source.layout.vocab_size, width)
+    pi05[EXPERT_LM_HEAD.removeprefix("model.")] = torch.randn(source.model.layout.vocab_size, width)
     root.mkdir(parents=True)
     save_file(pi05, root / "model.safetensors")
     (root / "config.json").write_text(json.dumps(_pi05_config_json(cfg)))
@@ -188,7 +188,7 @@ def test_every_pi05_key_maps_onto_ki_vla_at_full_size(state_mode):
     if state_mode == "continuous":
         new |= {"model.state_proj.weight": WHY_STATE_PROJ, "model.state_proj.bias": WHY_STATE_PROJ}
 
-    mapped, report = pi05_to_ki_state_dict(pi05_sd, ki)
+    mapped, report = pi05_to_ki_state_dict(pi05_sd, ki, ki.config)
 
     assert len(pi05_sd) == 813
     assert report.dropped == {EXPERT_LM_HEAD: WHY_EXPERT_LM_HEAD}  # the only pi05 tensor left behind
@@ -209,7 +209,7 @@ def test_pi05_hub_layout_maps_at_full_size():
         for k, v in pi05_sd.items()
         if k != EMBED
     }
-    mapped, report = pi05_to_ki_state_dict(hub, ki)
+    mapped, report = pi05_to_ki_state_dict(hub, ki, ki.config)
     assert set(mapped) == set(ki.state_dict()) - {FAST_STATE, FAST_PLACEMENT}
     assert mapped[EMBED] is mapped[LM_HEAD] is hub[LM_HEAD.removeprefix("model.")]
     assert sorted(report.renamed.values()) == [
@@ -252,7 +252,7 @@ def test_paligemma_3b_maps_onto_the_backbone_at_full_size():
     ki = _on_meta(KIPolicy, KIConfig(device="cpu"))
     ki_sd = ki.state_dict()
 
-    mapped, report = paligemma_to_ki_state_dict(hf_sd, ki)
+    mapped, report = paligemma_to_ki_state_dict(hf_sd, ki, ki.config)
 
     backbone = {k for k in ki_sd if k.startswith(PALIGEMMA)}
     assert set(mapped) == backbone
@@ -350,7 +350,7 @@ def test_lerobot_train_starts_from_a_pi05_checkpoint(
 @pytest.mark.parametrize("layout", ["save_pretrained", "hub_original"])
 def test_paligemma_checkpoint_fills_the_backbone_only(layout, tmp_path):
     cfg = tiny_config(**TINY)
-    vocab = KIPolicy(cfg).layout.vocab_size
+    vocab = KIPolicy(cfg).model.layout.vocab_size
     hf = _tiny_hf_paligemma(cfg, vocab)
     hf_sd = hf.state_dict()  # in-memory layout: model.language_model..., lm_head.weight (tied)
     ckpt = tmp_path / "paligemma"
@@ -377,7 +377,7 @@ def test_paligemma_checkpoint_fills_the_backbone_only(layout, tmp_path):
             assert torch.equal(value, hf_sd[key.removeprefix(PALIGEMMA)]), key
         else:  # the expert, projections and time MLP: exactly their fresh initialisation
             assert torch.equal(value, init[key]), key
-    report = load_paligemma_backbone(policy, ckpt)
+    report = load_paligemma_backbone(policy, policy.config, ckpt)
     assert set(report.mapped) == {k for k in ours if k.startswith(PALIGEMMA)}
     expected_drop = (
         {} if layout == "save_pretrained" else {"vision_tower.vision_model.head.probe": WHY_SIGLIP_HEAD}
@@ -403,8 +403,8 @@ def test_a_ki_checkpoint_does_not_reload_paligemma(tmp_path):
 @pytest.mark.parametrize(
     ("load", "repo_id"),
     [
-        (lambda p, r: load_pi05_weights(p, r), "lerobot/pi05_base"),
-        (lambda p, r: load_paligemma_backbone(p, r), "google/paligemma-3b-pt-224"),
+        (lambda p, r: load_pi05_weights(p, p.config, r), "lerobot/pi05_base"),
+        (lambda p, r: load_paligemma_backbone(p, p.config, r), "google/paligemma-3b-pt-224"),
         (lambda p, r: KIPolicy.from_pretrained(r), "lerobot/pi05_base"),
         (lambda p, r: KIPolicy(tiny_config(paligemma_pretrained_path=r)), "google/paligemma-3b-pt-224"),
     ],
