@@ -192,6 +192,9 @@ class KIPolicy(PreTrainedPolicy):
 
     # --- inputs -------------------------------------------------------------------------------------
     def _check_actions(self, batch: dict[str, Tensor]) -> Tensor:
+        # FAST tokens mean the ki_vla preprocessor ran, and its FAST step refused non-finite actions.
+        if ACTION_TOKENS not in batch:
+            raise ValueError("The batch has no FAST tokens: run it through the ki_vla preprocessor.")
         actions = batch[ACTION]
         if actions.ndim != 3:
             raise ValueError(f"Expected an action chunk (B, T, A), got {tuple(actions.shape)}.")
@@ -200,10 +203,6 @@ class KIPolicy(PreTrainedPolicy):
                 f"The action has {actions.shape[-1]} dims but max_action_dim={self.config.max_action_dim}: "
                 f"pass --policy.max_action_dim={actions.shape[-1]}."
             )
-        if not torch.isfinite(actions).all():
-            raise ValueError("The action chunk contains NaN or Inf: check the dataset's actions.")
-        if ACTION_TOKENS not in batch:
-            raise ValueError("The batch has no FAST tokens: run it through the ki_vla preprocessor.")
         return actions
 
     # --- training -----------------------------------------------------------------------------------
