@@ -154,11 +154,13 @@ def _drop_reason(key: str) -> str | None:
     return None
 
 
+# What ki_vla adds to any imported checkpoint: the FAST tokenizer and where its ids sit.
+KI_ONLY = {FAST_STATE: WHY_FAST_STATE, FAST_PLACEMENT: WHY_FAST_PLACEMENT}
+
+
 def _pi05_new_reason(key: str) -> str | None:
-    if key == FAST_STATE:
-        return WHY_FAST_STATE
-    if key == FAST_PLACEMENT:
-        return WHY_FAST_PLACEMENT
+    if key in KI_ONLY:
+        return KI_ONLY[key]
     if key == VLM_STATE:
         return WHY_VLM_STATE
     if key.startswith("model.state_proj."):
@@ -167,10 +169,8 @@ def _pi05_new_reason(key: str) -> str | None:
 
 
 def _paligemma_new_reason(key: str) -> str | None:
-    if key == FAST_STATE:
-        return WHY_FAST_STATE
-    if key == FAST_PLACEMENT:
-        return WHY_FAST_PLACEMENT
+    if key in KI_ONLY:
+        return KI_ONLY[key]
     if not key.startswith(PALIGEMMA):
         return WHY_NOT_PALIGEMMA
     return None
