@@ -303,8 +303,8 @@ def make_ki_vla_pre_post_processors(
 
 
 def text_tokenizer_of(preprocessor: PolicyProcessorPipeline) -> TextTokenizer:
-    """The tokenizer saved in a ki_vla preprocessor, e.g. to hand to `KIPolicy.set_text_tokenizer` where
-    the config's tokenizer (a Hub id) cannot be loaded."""
+    """The tokenizer saved in a ki_vla preprocessor, e.g. for `text_generation.generate_text` where the
+    config's tokenizer (a Hub id) cannot be loaded."""
     for step in preprocessor.steps:
         if isinstance(step, KITextTokenizerStep) and step.tokenizer is not None:
             return step.tokenizer
