@@ -14,16 +14,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 from vs_pi05_pi0fast import CHUNK, SIZES, build, make_batch, use_cameras
 
-from lerobot_ki.model_ki import euler_steps
+from lerobot_ki.model_inputs import robot_inputs
+from lerobot_ki.vla_model import euler_steps
 
 N_CAMS = 2
 
 
 def phases(policy, batch) -> None:
-    images, img_masks, tokens, masks, state = policy._model_inputs(batch)
+    inputs = robot_inputs(batch, policy.config)
     model = policy.model
     with record_function("siglip+embed"):
-        embs, pad = model.embed_prefix_with_state(images, img_masks, tokens, masks, state)
+        embs, pad = model.embed_prefix(inputs)
     with record_function("prefill"):
         _, kv = model.prefill(embs, pad)
     noise = torch.randn(1, CHUNK, policy.config.max_action_dim, device="cuda")
@@ -67,11 +68,11 @@ def main() -> None:
     print(f"  as built (vision tower fp32, TF32 off): {graph_ms(policy, batch):.1f}")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    policy._graphs = None
+    policy._graphed = None  # kernels are chosen at capture: record again
     print(f"  + TF32 for the fp32 vision tower:        {graph_ms(policy, batch):.1f}")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    policy._graphs = None
+    policy._graphed = None
     with torch.autocast("cuda", dtype=torch.bfloat16):  # the fp32 vision tower and norms run in bf16
         print(f"  whole call under bf16 autocast:          {graph_ms(policy, batch):.1f}")
 

@@ -49,7 +49,7 @@ from lerobot.utils.constants import (
 )
 from transformers.models.auto import CONFIG_MAPPING
 
-from lerobot_ki import modeling_ki, variants
+from lerobot_ki import model_inputs, variants
 from lerobot_ki.configuration_ki import PALIGEMMA_TOKENIZER, KIConfig
 from lerobot_ki.modeling_ki import KIPolicy
 
@@ -180,7 +180,7 @@ def make_batch(name: str, policy, bsz: int, n_cams: int, res: int, fast_tokens: 
     batch[ACTION] = torch.rand(bsz, CHUNK, ACTION_DIM, generator=g) * 2 - 1
     batch[f"{ACTION}_is_pad"] = torch.zeros(bsz, CHUNK, dtype=torch.bool)
     if name == "ki_vla":
-        lo, hi = policy.layout.fast_lm_range()
+        lo, hi = policy.model.layout.fast_lm_range()
         n_slots = policy.config.max_fast_tokens
     else:  # pi0_fast's processor pads the FAST ids to max_action_tokens
         lo, hi = 257_152 - 128 - 2048, 257_152 - 128
@@ -453,7 +453,7 @@ def main() -> None:
     torch.manual_seed(0)
     res = Results()
     wanted = args.policies.split(",")
-    real_trim = modeling_ki.trim_prompt_padding
+    real_trim = model_inputs.trim_prompt_padding
     if "ki_vla" in wanted:
         steps = [("ki_vla", {}, {})]
         if args.ki_variants == "all":
@@ -470,10 +470,10 @@ def main() -> None:
                     ("ki_vla (+ compiled expert)", {"compile_expert": True}, {"train": False}),
                 ]
         for label, overrides, opts in steps:
-            modeling_ki.trim_prompt_padding = real_trim if opts.get("trim", True) else _no_trim
+            model_inputs.trim_prompt_padding = real_trim if opts.get("trim", True) else _no_trim
             train = bool(args.train_batches) and opts.get("train", True)
             guarded(run_policy, "ki_vla", label, args, size, res, train=train, **overrides)
-        modeling_ki.trim_prompt_padding = real_trim
+        model_inputs.trim_prompt_padding = real_trim
         if args.ki_variants == "all" and args.train_batches:
             guarded(
                 run_policy,

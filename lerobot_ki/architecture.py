@@ -1,9 +1,12 @@
 """The PaliGemma backbone + Gemma action expert, built for any preset with LeRobot pi05's module tree.
 
-We subclass LeRobot's `PaliGemmaWithExpertModel` only to size it: its constructor hard-codes the SigLIP
-So400m tower and a 2048-wide image projection, which rules out `gemma_300m` and `tiny` backbones. The
-module names stay those of pi05 (`paligemma.model.language_model.layers.N...`, `gemma_expert.model...`)
-so `lerobot/pi05_base` state dicts load key for key. The forward is ours (see `transformer.py`).
+LeRobot's `PaliGemmaWithExpertModel` cannot be built at our sizes (its constructor hard-codes the SigLIP
+So400m tower and a 2048-wide image projection, which rules out `gemma_300m` and `tiny`), so we build the
+same two towers, LeRobot's `PaliGemmaForConditionalGenerationWithPiGemma` and `PiGemmaForCausalLM`, at any
+size, and reuse by name the four pi05 methods that apply (dtype policy, freezing, image and token
+embedding). The module names stay those of pi05 (`paligemma.model.language_model.layers.N...`,
+`gemma_expert.model...`) so `lerobot/pi05_base` state dicts load key for key. The forward is ours (see
+`transformer.py`): pi05's is not used.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ from transformers.models.auto import CONFIG_MAPPING
 from lerobot_ki.variants import GemmaSize, SiglipSize
 
 
-class KIPaliGemmaWithExpert(PaliGemmaWithExpertModel):
+class KIPaliGemmaWithExpert(nn.Module):
+    # pi05's implementations, applied to this module (they read only `paligemma`, `gemma_expert` and the
+    # two freezing flags, which it has under the same names).
+    to_bfloat16_for_selected_params = PaliGemmaWithExpertModel.to_bfloat16_for_selected_params
+    _set_requires_grad = PaliGemmaWithExpertModel._set_requires_grad
+    embed_image = PaliGemmaWithExpertModel.embed_image
+    embed_language_tokens = PaliGemmaWithExpertModel.embed_language_tokens
+
     def __init__(
         self,
         backbone: GemmaSize,
@@ -29,8 +39,7 @@ class KIPaliGemmaWithExpert(PaliGemmaWithExpertModel):
         freeze_vision_encoder: bool = False,
         train_expert_only: bool = False,
     ):
-        # Skip the parent's constructor (fixed sizes); reuse its dtype, freezing and embedding methods.
-        nn.Module.__init__(self)
+        super().__init__()
         if (backbone.depth, backbone.num_kv_heads, backbone.head_dim) != (
             expert.depth,
             expert.num_kv_heads,
@@ -92,6 +101,15 @@ class KIPaliGemmaWithExpert(PaliGemmaWithExpertModel):
         self.gemma_expert.lm_head = None
         self.to_bfloat16_for_selected_params(precision)
         self._set_requires_grad()
+
+    def train(self, mode: bool = True) -> KIPaliGemmaWithExpert:
+        """Frozen parts stay in eval mode, as in pi05."""
+        super().train(mode)
+        if self.freeze_vision_encoder:
+            self.paligemma.model.vision_tower.eval()
+        if self.train_expert_only:
+            self.paligemma.eval()
+        return self
 
     @property
     def language_model(self) -> nn.Module:

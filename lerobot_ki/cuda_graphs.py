@@ -3,17 +3,19 @@
 At batch 1 the eager sampler launches thousands of small kernels (18 backbone layers once, 18 expert
 layers ten times); on an H100 the launch gaps, not the arithmetic, set the latency. A CUDA graph records
 the launches once per input signature and replays them with one call. The recorded function must be
-free of host synchronisation and host->device copies (see `KIModel.sample_from_inputs`).
+free of host synchronisation and host->device copies (`KIModel.sample_actions` without RTC is).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from lerobot_ki.model_inputs import ModelInputs
 
 
 @dataclass
@@ -23,50 +25,84 @@ class _Captured:
     output: Tensor  # static buffer the graph writes
 
 
-class CUDAGraphCache:
-    """`cache(*tensors)` == `fn(*tensors)`, captured on first use for each (shape, dtype) signature.
+def flatten(inputs: ModelInputs) -> tuple[list[Tensor], tuple]:
+    """The tensors of `inputs` field by field (lists in order), and the structure to rebuild it."""
+    tensors, spec = [], []
+    for f in dataclasses.fields(inputs):
+        value = getattr(inputs, f.name)
+        if isinstance(value, list):
+            tensors.extend(value)
+            spec.append((f.name, len(value)))
+        else:
+            tensors.append(value)
+            spec.append((f.name, None))
+    return tensors, tuple(spec)
 
-    Weights are read by address, so in-place updates (an optimizer step) are seen by later replays;
-    replacing a parameter tensor is not: call `clear()` after loading or moving weights."""
 
-    def __init__(self, fn: Callable[..., Tensor], max_entries: int = 4, warmup: int = 2):
-        self.fn = fn
+def unflatten(tensors: list[Tensor], spec: tuple) -> ModelInputs:
+    fields, i = {}, 0
+    for name, length in spec:
+        if length is None:
+            fields[name], i = tensors[i], i + 1
+        else:
+            fields[name], i = list(tensors[i : i + length]), i + length
+    return ModelInputs(**fields)
+
+
+class GraphedSampler:
+    """`sampler(inputs, noise)` == `model.sample_actions(inputs, noise, num_steps)`, captured on first use
+    for each input signature (fields, shapes, dtypes).
+
+    Weights are read by address: in-place updates (an optimizer step, `load_state_dict`) are seen by later
+    replays. Anything that gives a weight new storage (`.to()`, a dtype cast, assigning a parameter) changes
+    the model's addresses, which this cache checks on every call: it then records its graphs again."""
+
+    def __init__(self, model: nn.Module, num_steps: int, max_entries: int = 4, warmup: int = 2):
+        self.model = model
+        self.num_steps = num_steps
         self.max_entries = max_entries
         self.warmup = warmup
         self._entries: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._addresses: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __call__(self, *args: Tensor) -> Tensor:
-        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+    def __call__(self, inputs: ModelInputs, noise: Tensor) -> Tensor:
+        addresses = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+        if addresses != self._addresses:  # new storage: the recorded graphs read the old one
+            self._entries.clear()
+            self._addresses = addresses
+        tensors, spec = flatten(inputs)
+        tensors.append(noise)
+        key = (spec, *((tuple(a.shape), a.dtype, a.device) for a in tensors))
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._capture(args)
+            entry = self._capture(tensors, spec)
             self._entries[key] = entry
             if len(self._entries) > self.max_entries:  # each graph holds its own memory pool
                 self._entries.popitem(last=False)
         else:
             self._entries.move_to_end(key)
-            for buf, a in zip(entry.inputs, args, strict=True):
+            for buf, a in zip(entry.inputs, tensors, strict=True):
                 buf.copy_(a)
         entry.graph.replay()
         return entry.output.clone()
 
-    def _capture(self, args: tuple[Tensor, ...]) -> _Captured:
-        inputs = [a.clone() for a in args]
+    def _run(self, tensors: list[Tensor], spec: tuple) -> Tensor:
+        return self.model.sample_actions(unflatten(tensors[:-1], spec), tensors[-1], self.num_steps)
+
+    def _capture(self, tensors: list[Tensor], spec: tuple) -> _Captured:
+        inputs = [a.clone() for a in tensors]
         # Warm-up outside the graph on a side stream: cuBLAS handles, lazy module state and the
         # caching allocator must be initialised before capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self.fn(*inputs)
+                self._run(inputs, spec)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            output = self.fn(*inputs)
+            output = self._run(inputs, spec)
         return _Captured(graph, inputs, output)

@@ -1,7 +1,8 @@
 """Where the FAST tokenizer comes from and how it travels with a checkpoint.
 
 - `resolve_fast_tokenizer`: a configured directory, else fitted on the training dataset's action chunks
-  (normalized exactly as the processor normalizes them), once per config object.
+  (normalized exactly as the processor normalizes them). The policy and the processor each resolve their
+  own (the fit is deterministic: the same bytes); callers that have one hand it to both.
 - `fast_to_tensor` / `fast_from_tensor`: the tokenizer's saved files as one uint8 tensor, so it is part
   of the processor state and of the policy's `model.safetensors`: whatever uploads or copies those
   carries it, and loading needs no network.
@@ -23,6 +24,8 @@ from lerobot.utils.constants import ACTION
 from lerobot_ki.fast import FASTTokenizer
 
 logger = logging.getLogger(__name__)
+
+FAST_STATE_KEY = "fast_tokenizer_state"  # the policy buffer holding `fast_to_tensor`'s bytes
 
 
 def fast_to_tensor(tok: FASTTokenizer) -> torch.Tensor:
@@ -88,10 +91,8 @@ def fit_fast_on_dataset(
 
 
 def resolve_fast_tokenizer(config: Any, dataset_stats: dict | None) -> FASTTokenizer | None:
-    """The FAST tokenizer for this run, cached on the config so the policy and processors share one."""
-    cached = getattr(config, "_runtime_fast_tokenizer", None)
-    if cached is not None:
-        return cached
+    """The FAST tokenizer for this run: `config.fast_tokenizer_path`, else fitted on the dataset LeRobot
+    is training on (`make_policy` sets `config._runtime_dataset_meta`), else None."""
     tok = None
     if config.fast_tokenizer_path:
         tok = FASTTokenizer.from_pretrained(config.fast_tokenizer_path)
@@ -119,7 +120,6 @@ def resolve_fast_tokenizer(config: Any, dataset_stats: dict | None) -> FASTToken
                 )
     if tok is not None:
         _check_shape(tok, config)
-        config._runtime_fast_tokenizer = tok
     return tok
 
 

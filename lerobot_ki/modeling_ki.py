@@ -3,37 +3,32 @@
 from __future__ import annotations
 
 import builtins
-import json
 import logging
 from collections import deque
 from pathlib import Path
 
 import torch
 from lerobot.configs import PreTrainedConfig
-from lerobot.policies.common.vla_utils import pad_vector, resize_with_pad_torch
+from lerobot.policies.common.vla_utils import pad_vector
 from lerobot.policies.pretrained import PreTrainedPolicy, T
 from lerobot.policies.rtc.modeling_rtc import RTCProcessor
-from lerobot.utils.constants import (
-    ACTION,
-    ACTION_TOKEN_MASK,
-    ACTION_TOKENS,
-    OBS_LANGUAGE_ATTENTION_MASK,
-    OBS_LANGUAGE_TOKENS,
-    OBS_STATE,
-)
+from lerobot.utils.constants import ACTION, ACTION_TOKEN_MASK, ACTION_TOKENS
 from torch import Tensor
 
 from lerobot_ki.configuration_ki import KIConfig
-from lerobot_ki.cuda_graphs import CUDAGraphCache
+from lerobot_ki.cuda_graphs import GraphedSampler
 from lerobot_ki.fast import FASTDecodeError, FASTTokenizer
-from lerobot_ki.fast_artifacts import fast_from_tensor, fast_to_tensor, resolve_fast_tokenizer
-from lerobot_ki.model_ki import KIModel
-from lerobot_ki.policy_vlm import VLMPolicyMixin
-from lerobot_ki.text_tokenizer import TextTokenizer, vocab_layout
+from lerobot_ki.fast_artifacts import (
+    FAST_STATE_KEY,
+    fast_from_tensor,
+    fast_to_tensor,
+    resolve_fast_tokenizer,
+)
+from lerobot_ki.model_inputs import ModelInputs, robot_inputs
+from lerobot_ki.vla_model import KIModel
 from lerobot_ki.vlm_cotraining import STATE_KEY, VLMCoTraining
 from lerobot_ki.weights import (
-    PI05_TYPE,
-    checkpoint_file,
+    is_pi05_checkpoint,
     ki_config_from_pi05,
     load_paligemma_backbone,
     load_pi05_weights,
@@ -41,11 +36,8 @@ from lerobot_ki.weights import (
 
 logger = logging.getLogger(__name__)
 
-EMPTY_CAMERA = "empty_camera_"
-PROMPT_LENGTH_MULTIPLE = 16
 
-
-class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
+class KIPolicy(PreTrainedPolicy):
     """Knowledge-insulated VLA (Driess et al. 2025) as a LeRobot policy: `--policy.type=ki_vla`."""
 
     config_class = KIConfig
@@ -54,29 +46,36 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
     _fsdp_wrap_modules = ["_PiGemmaDecoderLayerBase", "SiglipEncoderLayer"]
     _no_split_modules = _fsdp_wrap_modules
 
-    def __init__(self, config: KIConfig, dataset_stats: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        config: KIConfig,
+        dataset_stats: dict | None = None,
+        fast_tokenizer: FASTTokenizer | None = None,
+        **kwargs,
+    ):
         super().__init__(config)
-        self._graphs: CUDAGraphCache | None = None
         config.validate_features()
         self.config = config
-        self.layout = vocab_layout(config.text_tokenizer, config.fast_vocab_size)
         self.init_rtc_processor()
-        self.model = KIModel(config, self.layout.vocab_size, rtc_processor=self.rtc_processor)
+        self.model = KIModel(config)
+        self._graphed: GraphedSampler | None = None  # on CUDA, built at the first flow inference
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         # The FAST tokenizer rides in model.safetensors; a checkpoint being loaded brings its own.
-        fast = None if kwargs.get("_weights_follow") else resolve_fast_tokenizer(config, dataset_stats)
+        fast = fast_tokenizer
+        if fast is None and not kwargs.get("_weights_follow"):
+            fast = resolve_fast_tokenizer(config, dataset_stats)
         blob = fast_to_tensor(fast) if fast is not None else torch.zeros(0, dtype=torch.uint8)
-        self.register_buffer("fast_tokenizer_state", blob)
+        self.register_buffer(FAST_STATE_KEY, blob)
         self._fast = fast
         if config.paligemma_pretrained_path and not kwargs.get("_weights_follow"):
-            logger.info(load_paligemma_backbone(self, config.paligemma_pretrained_path).summary())
+            report = load_paligemma_backbone(self, config, config.paligemma_pretrained_path)
+            logger.info(report.summary())
         self.num_fast_decode_failures = 0
         # VLM co-training (README "VLM co-training"): the policy draws VLM examples at each training step.
         self.vlm_cotraining = (
             VLMCoTraining(config, len(config.image_features)) if config.vlm_dataset is not None else None
         )
-        self._text_tokenizer: TextTokenizer | None = None
         self.model.to(config.device)
         self.reset()
 
@@ -90,16 +89,8 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
         strict: bool = True,
         **kwargs,
     ) -> T:
-        saved_type = _saved_policy_type(pretrained_name_or_path, kwargs)
-        if saved_type == PI05_TYPE:
+        if is_pi05_checkpoint(pretrained_name_or_path, kwargs.get("revision"), ours=cls.name):
             return cls._start_from_pi05(pretrained_name_or_path, config, kwargs)
-        if saved_type is not None and saved_type != cls.name:
-            raise ValueError(
-                f"{pretrained_name_or_path} holds a '{saved_type}' policy, not '{cls.name}'. Load it with "
-                f"--policy.type={saved_type} / --policy.path. ki_vla starts from pi05 checkpoints "
-                "(--policy.pretrained_path) or PaliGemma (--policy.paligemma_pretrained_path): README, "
-                "'Starting from real weights'."
-            )
         kwargs.pop("_weights_follow", None)
         return super().from_pretrained(
             pretrained_name_or_path, config=config, strict=strict, _weights_follow=True, **kwargs
@@ -125,7 +116,7 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
             logger.info("pretrained_path cleared: ki_vla's processors are built from the dataset.")
             config.pretrained_path = None
         policy = cls(config, dataset_stats=kwargs.get("dataset_stats"))
-        logger.info(load_pi05_weights(policy, source, revision=revision).summary())
+        logger.info(load_pi05_weights(policy, config, source, revision=revision).summary())
         policy.name_or_path = str(source)
         policy.to(config.device)
         policy.eval()
@@ -147,7 +138,7 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
         elif vlm_key not in state_dict:
             state_dict[vlm_key] = self.vlm_cotraining.state.clone()
         # The FAST tokenizer blob has the size of the saved tokenizer, not of the empty placeholder.
-        key = prefix + "fast_tokenizer_state"
+        key = prefix + FAST_STATE_KEY
         if key in state_dict:
             self.fast_tokenizer_state = torch.empty_like(
                 state_dict[key], device=self.fast_tokenizer_state.device
@@ -189,68 +180,21 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
         self.rtc_processor = (
             RTCProcessor(self.config.rtc_config) if self.config.rtc_config is not None else None
         )
-        if getattr(self, "model", None) is not None:
-            self.model.rtc_processor = self.rtc_processor
 
     def _rtc_enabled(self) -> bool:
         return self.config.rtc_config is not None and self.config.rtc_config.enabled
 
+    def rtc_guided(self) -> bool:
+        """RTC guidance or its debug tracking is on: sampling goes through LeRobot's `euler_integrate`
+        (autograd per step), which a CUDA graph cannot record."""
+        rtc = self.rtc_processor
+        return self._rtc_enabled() or (rtc is not None and rtc.is_debug_enabled())
+
     # --- inputs -------------------------------------------------------------------------------------
-    def _preprocess_images(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """(B, C, H, W) in [0, 1] -> resized with padding, in [-1, 1] as SigLIP expects, plus masks."""
-        present = [k for k in self.config.image_features if k in batch]
-        missing = [k for k in self.config.image_features if k not in batch and EMPTY_CAMERA not in k]
-        if missing or not present:
-            raise ValueError(
-                f"Camera(s) {missing or list(self.config.image_features)} missing from the observation "
-                f"(it has {sorted(k for k in batch if k.startswith('observation.'))}). Map your camera names "
-                "with --rename_map, or declare absent cameras with --policy.empty_cameras."
-            )
-        images, masks = [], []
-        for key in self.config.image_features:
-            if key not in batch:  # a declared empty camera: black (-1) and masked out
-                images.append(torch.full_like(images[0], -1.0))
-                masks.append(torch.zeros_like(masks[0]))
-                continue
-            img = self._model_image(key, batch[key])
-            images.append(img)
-            masks.append(torch.ones(img.shape[0], dtype=torch.bool, device=img.device))
-        return images, masks
-
-    def _model_image(self, key: str, img: Tensor) -> Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, 3, R, R) in [-1, 1]: resized with padding as SigLIP expects."""
-        img = img.float()
-        if img.ndim != 4 or img.shape[1] != 3:
-            raise ValueError(f"'{key}' must be (B, 3, H, W) in [0, 1], got shape {tuple(img.shape)}")
-        if not torch.isfinite(img).all():
-            raise ValueError(f"'{key}' contains NaN or Inf pixels.")
-        if tuple(img.shape[-2:]) != tuple(self.config.image_resolution):
-            img = resize_with_pad_torch(img, *self.config.image_resolution)
-        return img * 2.0 - 1.0
-
-    def _model_inputs(
-        self, batch: dict[str, Tensor]
-    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor, Tensor]:
-        """Checked images and masks per camera, the prompt without its all-padding tail, and the state
-        (B, max_state_dim) for state_mode=continuous, else an empty (B, 0) tensor."""
-        if OBS_LANGUAGE_TOKENS not in batch:
-            raise ValueError(
-                "The batch has no prompt tokens: run it through the ki_vla preprocessor "
-                "(make_pre_post_processors / the policy_preprocessor saved with the checkpoint)."
-            )
-        images, img_masks = self._preprocess_images(batch)
-        tokens, masks = trim_prompt_padding(batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK])
-        if self.config.state_mode == "continuous":
-            state = pad_vector(batch[OBS_STATE], self.config.max_state_dim)
-        else:
-            state = tokens.new_zeros(tokens.shape[0], 0, dtype=torch.float32)
-        return images, img_masks, tokens, masks, state
-
-    def _prefix(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        images, img_masks, tokens, masks, state = self._model_inputs(batch)
-        return self.model.embed_prefix_with_state(images, img_masks, tokens, masks, state)
-
     def _check_actions(self, batch: dict[str, Tensor]) -> Tensor:
+        # FAST tokens mean the ki_vla preprocessor ran, and its FAST step refused non-finite actions.
+        if ACTION_TOKENS not in batch:
+            raise ValueError("The batch has no FAST tokens: run it through the ki_vla preprocessor.")
         actions = batch[ACTION]
         if actions.ndim != 3:
             raise ValueError(f"Expected an action chunk (B, T, A), got {tuple(actions.shape)}.")
@@ -259,10 +203,6 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
                 f"The action has {actions.shape[-1]} dims but max_action_dim={self.config.max_action_dim}: "
                 f"pass --policy.max_action_dim={actions.shape[-1]}."
             )
-        if not torch.isfinite(actions).all():
-            raise ValueError("The action chunk contains NaN or Inf: check the dataset's actions.")
-        if ACTION_TOKENS not in batch:
-            raise ValueError("The batch has no FAST tokens: run it through the ki_vla preprocessor.")
         return actions
 
     # --- training -----------------------------------------------------------------------------------
@@ -276,10 +216,8 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
         )
         dim_ok = torch.arange(self.config.max_action_dim, device=actions.device) < action_dim
         flow_mask = step_ok[:, :, None] & dim_ok[None, None, :]  # (B, T, A_max): padding is excluded
-        prefix_embs, prefix_pad = self._prefix(batch)
         out = self.model(
-            prefix_embs,
-            prefix_pad,
+            robot_inputs(batch, self.config),
             batch[ACTION_TOKENS],
             batch[ACTION_TOKEN_MASK].bool(),
             pad_vector(actions, self.config.max_action_dim),
@@ -291,7 +229,7 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
         )
         info = {k: float(v.detach()) for k, v in out.items()}
         if self.vlm_cotraining is not None and self.training:  # evaluation batches draw no VLM examples
-            vlm_loss, vlm_info = self._cotrain(bsz)
+            vlm_loss, vlm_info = self.vlm_cotraining.loss(self.model, bsz)
             if vlm_loss is not None:
                 loss = loss + self.config.vlm_loss_weight * vlm_loss
             info.update(vlm_info)
@@ -323,62 +261,40 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
                     "RTC guides a flow sampler; inference_mode=fast decodes tokens. Use "
                     "--policy.inference_mode=flow with --inference.type=rtc."
                 )
-            actions = self._decode_fast(*self._prefix(batch))
+            actions = self._decode_fast(robot_inputs(batch, self.config))
         else:
-            actions = self._sample_flow(batch, **kwargs)
+            actions = self._sample_flow(robot_inputs(batch, self.config), **kwargs)
         return actions[:, :, : self.config.output_features[ACTION].shape[0]]
 
-    def _sample_flow(self, batch: dict[str, Tensor], noise: Tensor | None = None, **rtc_kwargs) -> Tensor:
-        images, img_masks, tokens, masks, state = self._model_inputs(batch)
+    def _sample_flow(self, inputs: ModelInputs, noise: Tensor | None = None, **rtc_kwargs) -> Tensor:
         if noise is None:
-            shape = (tokens.shape[0], self.config.chunk_size, self.config.max_action_dim)
-            noise = self.model.sample_noise(shape, tokens.device)
-        inputs = (*images, *img_masks, tokens, masks, state, noise)
-        if self._can_graph(tokens):
-            if self._graphs is None:
-                self._graphs = CUDAGraphCache(self._sample_inputs)
-            return self._graphs(*inputs)
-        return self._sample_inputs(*inputs, **rtc_kwargs)
+            shape = (inputs.batch_size, self.config.chunk_size, self.config.max_action_dim)
+            noise = self.model.sample_noise(shape, inputs.prompt_ids.device)
+        num_steps = self.config.num_inference_steps
+        if self.rtc_guided():
+            return self.model.sample_actions(
+                inputs, noise, num_steps, self.rtc_processor, self._rtc_enabled(), **rtc_kwargs
+            )
+        if self.config.cuda_graphs and noise.is_cuda:
+            if self._graphed is None:
+                self._graphed = GraphedSampler(self.model, num_steps)
+            return self._graphed(inputs, noise)
+        return self.model.sample_actions(inputs, noise, num_steps)
 
-    def _sample_inputs(self, *inputs: Tensor, **rtc_kwargs) -> Tensor:
-        """`KIModel.sample_from_inputs` on the flat tensors of `_sample_flow`: the call a CUDA graph records
-        (no RTC then), or runs eagerly."""
-        n_cameras = (len(inputs) - 4) // 2
-        return self.model.sample_from_inputs(
-            *inputs, n_cameras=n_cameras, num_steps=self.config.num_inference_steps, **rtc_kwargs
-        )
-
-    def train(self, mode: bool = True) -> KIPolicy:
-        if mode != self.training:  # a training phase may replace weights: record the graphs again
-            self._graphs = None
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._graphs = None  # .to()/.cuda()/.half() make new tensors; recorded graphs read the old ones
-        return super()._apply(fn, *args, **kwargs)
-
-    def _can_graph(self, tokens: Tensor) -> bool:
-        return self.config.cuda_graphs and tokens.is_cuda and not self.model.rtc_guided()
-
-    def _decode_fast(self, prefix_embs: Tensor, prefix_pad: Tensor) -> Tensor:
+    def _decode_fast(self, inputs: ModelInputs) -> Tensor:
         """pi0-FAST style: the backbone decodes FAST tokens, the tokenizer turns them into actions. A
         sequence that does not decode becomes a zero (mean) chunk, logged and counted, or an error once
         more than `fast_decode_max_failures` happened."""
         tok = self.fast_tokenizer
         if tok is None:
             raise ValueError("inference_mode=fast needs the FAST tokenizer, and this checkpoint has none.")
-        ids = self.model.generate(
-            prefix_embs,
-            prefix_pad,
-            self.config.max_fast_tokens,
-            self.layout.eos_id,
-            self.layout.fast_lm_range(),
-        )
+        layout = self.model.layout
+        ids = self.model.generate(inputs, self.config.max_fast_tokens, layout.eos_id, layout.fast_lm_range())
         rows = []
         for row in ids.tolist():
-            row = row[: row.index(self.layout.eos_id)] if self.layout.eos_id in row else row
-            rows.append(self.layout.lm_to_fast(torch.tensor(row, dtype=torch.long)).tolist())
-        actions = torch.as_tensor(tok.decode(rows, strict=False), device=prefix_embs.device)
+            row = row[: row.index(layout.eos_id)] if layout.eos_id in row else row
+            rows.append(layout.lm_to_fast(torch.tensor(row, dtype=torch.long)).tolist())
+        actions = torch.as_tensor(tok.decode(rows, strict=False), device=ids.device)
         failures = len(tok.last_decode_failures)
         if failures:
             self.num_fast_decode_failures += failures
@@ -393,24 +309,3 @@ class KIPolicy(VLMPolicyMixin, PreTrainedPolicy):
                     f"{self.num_fast_decode_failures} undecodable FAST sequences (limit {limit})."
                 )
         return pad_vector(actions.float(), self.config.max_action_dim)
-
-
-def trim_prompt_padding(tokens: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-    """Drops the prompt columns after the last valid token of the batch (LeRobot's processors pad every
-    prompt to tokenizer_max_length: 200 positions for a prompt of ~30 tokens). Padding is masked out, so
-    the result is unchanged; the prefill and every training step just skip it. The kept length is
-    rounded up to a multiple of PROMPT_LENGTH_MULTIPLE so that CUDA graphs see few distinct shapes."""
-    masks = masks.bool()
-    valid_cols = masks.any(dim=0).nonzero()
-    keep = int(valid_cols.max()) + 1 if valid_cols.numel() else 1  # one host sync per call
-    keep = min(tokens.shape[1], -(-keep // PROMPT_LENGTH_MULTIPLE) * PROMPT_LENGTH_MULTIPLE)
-    return tokens[:, :keep], masks[:, :keep]
-
-
-def _saved_policy_type(path: str | Path, kwargs: dict) -> str | None:
-    """The `type` in a checkpoint's config.json, if it has one (local dir or Hub). An unreachable Hub is
-    one clear line here rather than a confusing error later."""
-    cfg_file = checkpoint_file(path, "config.json", kwargs.get("revision"), optional=True)
-    if cfg_file is None:
-        return None
-    return json.loads(Path(cfg_file).read_text()).get("type")

@@ -35,8 +35,10 @@ from lerobot.utils.constants import (
 )
 
 from lerobot_ki.configuration_ki import KIConfig
+from lerobot_ki.fast import FASTTokenizer
 from lerobot_ki.fast_artifacts import fast_from_tensor, fast_to_tensor, resolve_fast_tokenizer
-from lerobot_ki.text_tokenizer import TextTokenizer, VocabLayout, load_text_tokenizer, vocab_layout
+from lerobot_ki.text_tokenizer import TextTokenizer, load_text_tokenizer
+from lerobot_ki.vocabulary import VocabLayout, fast_to_lm, vocab_layout
 
 logger = logging.getLogger(__name__)
 
@@ -183,17 +185,23 @@ class KIFastTokenizerStep(ProcessorStep):
     """Normalized action chunks (B, T, A) -> FAST LM ids + EOS, right-padded to `max_fast_tokens`.
 
     Runs only when the batch holds actions (training); at inference it passes the transition through.
+    The placement of FAST ids (`fast_offset`, `fast_sign`) and the special ids are the `VocabLayout`'s
+    (`for_layout`), saved in the step's config so that a saved pipeline keeps the placement it trained with.
     """
 
+    fast_offset: int
+    fast_sign: int
+    eos_id: int
+    pad_id: int
     max_fast_tokens: int = 64
     overflow: str = "error"  # "error" | "truncate"
-    fast_offset: int = 260
-    fast_sign: int = 1
-    eos_id: int = 2
-    pad_id: int = 0
     fast_tokenizer: Any = field(default=None, repr=False)
     num_truncated: int = field(default=0, repr=False)
     num_chunks: int = field(default=0, repr=False)
+
+    @classmethod
+    def for_layout(cls, layout: VocabLayout, **kwargs) -> KIFastTokenizerStep:
+        return cls(layout.fast_offset, layout.fast_sign, layout.eos_id, layout.pad_id, **kwargs)
 
     def __call__(self, transition: EnvTransition) -> EnvTransition:
         action = transition.get(TransitionKey.ACTION)
@@ -212,7 +220,7 @@ class KIFastTokenizerStep(ProcessorStep):
         ids = torch.full((len(token_lists), self.max_fast_tokens), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(token_lists), self.max_fast_tokens), dtype=torch.bool)
         for i, toks in enumerate(token_lists):
-            lm = [self.fast_offset + self.fast_sign * t for t in toks] + [self.eos_id]
+            lm = fast_to_lm(toks, self.fast_offset, self.fast_sign) + [self.eos_id]
             self.num_chunks += 1
             if len(lm) > self.max_fast_tokens:
                 if self.overflow == "error":
@@ -265,6 +273,7 @@ class KIFastTokenizerStep(ProcessorStep):
 def make_ki_vla_pre_post_processors(
     config: KIConfig,
     dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None,
+    fast_tokenizer: FASTTokenizer | None = None,
 ) -> tuple[
     PolicyProcessorPipeline[dict[str, Any], dict[str, Any]],
     PolicyProcessorPipeline[PolicyAction, PolicyAction],
@@ -272,7 +281,7 @@ def make_ki_vla_pre_post_processors(
     _check_quantile_stats(config, dataset_stats)
     steps = make_default_policy_processor_steps(config, dataset_stats)
     layout = vocab_layout(config.text_tokenizer, config.fast_vocab_size)
-    fast = resolve_fast_tokenizer(config, dataset_stats)
+    fast = fast_tokenizer or resolve_fast_tokenizer(config, dataset_stats)
     input_steps: list[ProcessorStep] = [
         steps.rename_observations,
         steps.add_batch_dim,
@@ -284,14 +293,8 @@ def make_ki_vla_pre_post_processors(
             fast_vocab_size=config.fast_vocab_size,
             tokenizer=load_text_tokenizer(config.text_tokenizer, config.fast_vocab_size),
         ),
-        KIFastTokenizerStep(
-            max_fast_tokens=config.max_fast_tokens,
-            overflow=config.fast_overflow,
-            fast_offset=layout.fast_offset,
-            fast_sign=layout.fast_sign,
-            eos_id=layout.eos_id,
-            pad_id=layout.pad_id,
-            fast_tokenizer=fast,
+        KIFastTokenizerStep.for_layout(
+            layout, max_fast_tokens=config.max_fast_tokens, overflow=config.fast_overflow, fast_tokenizer=fast
         ),
         steps.to_device,
     ]
@@ -300,8 +303,8 @@ def make_ki_vla_pre_post_processors(
 
 
 def text_tokenizer_of(preprocessor: PolicyProcessorPipeline) -> TextTokenizer:
-    """The tokenizer saved in a ki_vla preprocessor, e.g. to hand to `KIPolicy.set_text_tokenizer` where
-    the config's tokenizer (a Hub id) cannot be loaded."""
+    """The tokenizer saved in a ki_vla preprocessor, e.g. for `text_generation.generate_text` where the
+    config's tokenizer (a Hub id) cannot be loaded."""
     for step in preprocessor.steps:
         if isinstance(step, KITextTokenizerStep) and step.tokenizer is not None:
             return step.tokenizer

@@ -1,29 +1,22 @@
-"""Text tokenizers and the place of FAST action tokens in the backbone's vocabulary.
+"""Text tokenizers of the backbone, one interface for two kinds (a `tokenizers.Tokenizer` underneath,
+serialisable to a string so it travels in the processor's saved state):
 
-Two kinds, one interface (a `tokenizers.Tokenizer` underneath, serialisable to a string so it travels in
-the processor's saved state):
+- `byte`: built offline from code: ids 0-3 are <pad> <bos> <eos> <unk>, 4-259 the 256 bytes;
+- a Gemma/PaliGemma `tokenizer.json` (`google/paligemma-3b-pt-224` or a local copy).
 
-- `byte`: built offline from code. ids 0-3 are <pad> <bos> <eos> <unk>, 4-259 the 256 bytes, and
-  the FAST range follows: FAST token t is id `260 + t`. The LM vocabulary is `260 + fast_vocab_size`.
-- PaliGemma (`google/paligemma-3b-pt-224` or a local copy): FAST token t is id `vocab - 1 - 128 - t`,
-  the PaliGemma/pi0-FAST convention that reuses the least-used ids below the 128 special tokens.
+Where FAST tokens and the special ids sit in each vocabulary is `vocabulary.py`'s business.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from lerobot_ki.configuration_ki import BYTE_TOKENIZER
-from lerobot_ki.variants import PALIGEMMA_VOCAB_SIZE
-
-BYTE_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-BYTE_FAST_OFFSET = len(BYTE_SPECIALS) + 256
-PALIGEMMA_SPECIAL_TAIL = 128
+from lerobot_ki.vocabulary import BYTE_SPECIALS, VocabLayout, vocab_layout
 
 
 def build_byte_tokenizer() -> Tokenizer:
@@ -48,47 +41,6 @@ def _byte_value(ch: str) -> int:
         return code
     others = [b for b in range(256) if b not in printable]
     return others[code - 256]
-
-
-@dataclass(frozen=True)
-class VocabLayout:
-    """Where things live in the backbone vocabulary; FAST token t is LM id `fast_offset + fast_sign * t`.
-    Derived from the config alone, so the model can be sized before any tokenizer file is read."""
-
-    vocab_size: int
-    pad_id: int
-    bos_id: int
-    eos_id: int
-    fast_offset: int
-    fast_sign: int
-    fast_vocab_size: int
-
-    def lm_to_fast(self, lm_ids: torch.Tensor) -> torch.Tensor:
-        """LM ids -> FAST ids (the processor's FAST step applies the forward map); ids outside the FAST
-        range come back as -1."""
-        fast = (lm_ids - self.fast_offset) * self.fast_sign
-        return torch.where((fast >= 0) & (fast < self.fast_vocab_size), fast, torch.full_like(fast, -1))
-
-    @property
-    def text_vocab_size(self) -> int:
-        """Ids of the text tokenizer itself: the byte layout appends its FAST ids after them, PaliGemma's
-        places them inside its vocabulary."""
-        return self.fast_offset if self.fast_sign == 1 else self.vocab_size
-
-    def fast_lm_range(self) -> tuple[int, int]:
-        """[lo, hi) of LM ids that are FAST tokens (used to constrain decoding)."""
-        ends = [self.fast_offset, self.fast_offset + self.fast_sign * (self.fast_vocab_size - 1)]
-        return min(ends), max(ends) + 1
-
-
-def vocab_layout(text_tokenizer: str, fast_vocab_size: int) -> VocabLayout:
-    if text_tokenizer == BYTE_TOKENIZER:
-        return VocabLayout(BYTE_FAST_OFFSET + fast_vocab_size, 0, 1, 2, BYTE_FAST_OFFSET, 1, fast_vocab_size)
-    # Gemma/PaliGemma: <pad>=0 <eos>=1 <bos>=2; FAST ids count down from below the special tail.
-    if fast_vocab_size > PALIGEMMA_VOCAB_SIZE // 2:
-        raise ValueError(f"fast_vocab_size={fast_vocab_size} does not fit into the PaliGemma vocabulary")
-    top = PALIGEMMA_VOCAB_SIZE - 1 - PALIGEMMA_SPECIAL_TAIL
-    return VocabLayout(PALIGEMMA_VOCAB_SIZE, 0, 2, 1, top, -1, fast_vocab_size)
 
 
 class TextTokenizer:

@@ -42,4 +42,3 @@ TINY_SIGLIP = SiglipSize(hidden_size=96, intermediate_size=192, num_layers=2, nu
 BACKBONE_VARIANTS = {"gemma_2b": GEMMA_2B, "gemma_300m": GEMMA_300M, "tiny": TINY_BACKBONE}
 EXPERT_VARIANTS = {"gemma_300m": GEMMA_300M, "tiny": TINY_EXPERT}
 VISION_VARIANTS = {"gemma_2b": SIGLIP_SO400M, "gemma_300m": SIGLIP_SO400M, "tiny": TINY_SIGLIP}
-PALIGEMMA_VOCAB_SIZE = 257_152

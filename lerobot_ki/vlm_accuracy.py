@@ -159,14 +159,20 @@ def answer_all(
     return answers
 
 
-def policy_generator(policy, max_new_tokens: int) -> Callable[[list[torch.Tensor], list[str]], list[str]]:
-    """`generate` for `answer_all` from a KIPolicy: images of one size are batched as one camera."""
+def model_generator(
+    model, tokenizer, max_new_tokens: int
+) -> Callable[[list[torch.Tensor], list[str]], list[str]]:
+    """`generate` for `answer_all` from a `KIModel` and its text tokenizer (`generate_text`, greedy):
+    images of one size are batched as one camera."""
+    from lerobot_ki.text_generation import generate_text
 
     def generate(images: list[torch.Tensor], prompts: list[str]) -> list[str]:
         if len({tuple(i.shape) for i in images}) == 1:
-            return policy.generate_text(torch.stack(images), prompts, max_new_tokens=max_new_tokens)
+            return generate_text(
+                model, tokenizer, torch.stack(images), prompts, max_new_tokens=max_new_tokens
+            )
         return [
-            policy.generate_text(i[None], [p], max_new_tokens=max_new_tokens)[0]
+            generate_text(model, tokenizer, i[None], [p], max_new_tokens=max_new_tokens)[0]
             for i, p in zip(images, prompts, strict=True)
         ]
 

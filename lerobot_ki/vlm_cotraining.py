@@ -1,5 +1,6 @@
 """VLM co-training inside an unchanged `lerobot-train`: the policy owns a stream of VLM examples and adds
-some to every training step.
+some to every training step (`VLMCoTraining.loss`); `vlm_loss(model, batch)` is the loss of any batch of
+examples.
 
 Mixing ratio. `vlm_mix_ratio` r is the fraction of all examples trained on that are VLM examples. With
 R robot examples seen so far (this step's batch included), the VLM total is kept at round(r / (1 - r) * R):
@@ -22,7 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from lerobot_ki.configuration_ki import KIConfig
-from lerobot_ki.text_tokenizer import TextTokenizer
+from lerobot_ki.model_inputs import vlm_inputs
+from lerobot_ki.text_tokenizer import TextTokenizer, load_text_tokenizer
+from lerobot_ki.vla_model import KIModel
 from lerobot_ki.vlm_data import (
     BadVLMRecord,
     StreamPosition,
@@ -101,14 +104,24 @@ def collate(examples: list[TokenizedVLMExample], pad_id: int) -> VLMBatch:
     return VLMBatch([e.images for e in examples], prompt_ids, prompt_mask, target_ids, target_mask)
 
 
+def vlm_loss(model: KIModel, batch: VLMBatch) -> tuple[Tensor, dict[str, float]]:
+    """Next-token CE of the backbone on the target text of VLM examples: no expert, no flow, no FAST."""
+    device = model.action_in_proj.weight.device
+    inputs = vlm_inputs(batch.images, batch.prompt_ids, batch.prompt_mask, model.config, device)
+    loss, acc = model.text_loss(inputs, batch.target_ids.to(device), batch.target_mask.to(device))
+    return loss, {"vlm_loss": float(loss.detach()), "vlm_token_acc": float(acc)}
+
+
 class VLMCoTraining(nn.Module):
     """The policy's co-training state: counters (a saved buffer), the mixing rule and the stream, which
-    is opened lazily at the first draw (loading a checkpoint for evaluation never touches the data)."""
+    is opened lazily at the first draw (loading a checkpoint for evaluation never touches the data).
+    The records are tokenized with `tokenizer`, by default the config's (as the processor builds it)."""
 
-    def __init__(self, config: KIConfig, num_cameras: int):
+    def __init__(self, config: KIConfig, num_cameras: int, tokenizer: TextTokenizer | None = None):
         super().__init__()
         self.config = config
         self.num_cameras = num_cameras
+        self._tokenizer = tokenizer
         self.register_buffer("state", torch.zeros(len(STATE_FIELDS), dtype=torch.long))
         self._stream: VLMStream | None = None
         # Authoritative counters while training (the buffer mirrors them for checkpoints); DDP broadcasts
@@ -148,19 +161,39 @@ class VLMCoTraining(nn.Module):
         return max(0, target - c["vlm_examples"])
 
     # --- drawing --------------------------------------------------------------------------------------
-    def draw(self, robot_batch: int, tokenizer: TextTokenizer) -> list[TokenizedVLMExample]:
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = load_text_tokenizer(self.config.text_tokenizer, self.config.fast_vocab_size)
+        return self._tokenizer
+
+    def loss(self, model: KIModel, robot_batch: int) -> tuple[Tensor | None, dict[str, float]]:
+        """This step's VLM examples (as many as keep the mix at vlm_mix_ratio) and their loss (None when
+        the step draws none)."""
+        examples = self.draw(robot_batch)
+        info = {
+            "vlm_ratio": self.achieved_ratio(),  # cumulative over the run, resumes included
+            "vlm_bad_records": float(self.counts()["records_bad"]),
+        }
+        if not examples:
+            return None, info
+        loss, vlm_info = vlm_loss(model, collate(examples, model.layout.pad_id))
+        return loss, {**info, **vlm_info}
+
+    def draw(self, robot_batch: int) -> list[TokenizedVLMExample]:
         """This step's VLM examples; updates the counters as if the step is trained on them."""
         n = self.examples_for_step(robot_batch)
-        examples = self.stream(tokenizer).take(n) if n else []
+        examples = self.stream().take(n) if n else []
         c = self.counts()
         c["robot_examples"] += robot_batch
         c["vlm_examples"] += n
         self._sync_buffer()
         return examples
 
-    def stream(self, tokenizer: TextTokenizer) -> VLMStream:
+    def stream(self) -> VLMStream:
         if self._stream is None:
             cfg = self.config
+            tokenizer = self.tokenizer
             source, base_dir = open_vlm_source(
                 cfg.vlm_dataset,
                 cfg.vlm_image_column,

@@ -20,31 +20,31 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lerobot_ki.configuration_ki import PALIGEMMA_TOKENIZER, KIConfig
-from lerobot_ki.text_tokenizer import vocab_layout
-from lerobot_ki.variants import PALIGEMMA_VOCAB_SIZE, VISION_VARIANTS
-
-if TYPE_CHECKING:
-    from lerobot_ki.modeling_ki import KIPolicy
+from lerobot_ki.fast_artifacts import FAST_STATE_KEY
+from lerobot_ki.variants import VISION_VARIANTS
+from lerobot_ki.vla_model import PLACEMENT_KEY
+from lerobot_ki.vlm_cotraining import STATE_KEY
+from lerobot_ki.vocabulary import PALIGEMMA_VOCAB_SIZE, vocab_layout
 
 logger = logging.getLogger(__name__)
 
 PI05_TYPE = "pi05"
-# Rows a transformers PaliGemma checkpoint may hold after its text vocabulary (<image> + padding to 64).
-VOCAB_PADDING = 64
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
+# Rows a transformers PaliGemma checkpoint may hold after its text vocabulary (<image> + padding to 64).
+VOCAB_PADDING = 64
 
 PALIGEMMA = "model.paligemma_with_expert.paligemma."
 EXPERT = "model.paligemma_with_expert.gemma_expert."
 EMBED = PALIGEMMA + "model.language_model.embed_tokens.weight"
 LM_HEAD = PALIGEMMA + "lm_head.weight"
-FAST_STATE = "fast_tokenizer_state"
+FAST_STATE = FAST_STATE_KEY
 # pi05's top-level modules besides the two towers; their old openpi names are renamed on the way in.
 PI05_HEADS = ("action_in_proj.", "action_out_proj.", "time_mlp_in.", "time_mlp_out.", "state_proj.")
 LEGACY_RENAMES = {"action_time_mlp_in.": "time_mlp_in.", "action_time_mlp_out.": "time_mlp_out."}
@@ -66,7 +66,9 @@ WHY_PI0_STATE_PROJ = (
 )
 WHY_SIGLIP_HEAD = "SigLIP's attention-pooling head: PaliGemma feeds every patch token, the head is unused"
 WHY_FAST_STATE = "the FAST tokenizer is fitted on the fine-tuning dataset (the checkpoint has none)"
-VLM_STATE = "vlm_cotraining.state"  # lerobot_ki.vlm_cotraining.STATE_KEY
+FAST_PLACEMENT = "model." + PLACEMENT_KEY
+WHY_FAST_PLACEMENT = "FAST ids take this version's place in the vocabulary (below PaliGemma's <loc> tokens)"
+VLM_STATE = STATE_KEY
 WHY_VLM_STATE = "VLM co-training counters start at zero"
 WHY_STATE_PROJ = "ki_vla's continuous state token (state_mode=continuous): pi05 writes the state as text"
 WHY_NOT_PALIGEMMA = "not part of PaliGemma: the action expert, its projections and time MLP start fresh"
@@ -154,9 +156,13 @@ def _drop_reason(key: str) -> str | None:
     return None
 
 
+# What ki_vla adds to any imported checkpoint: the FAST tokenizer and where its ids sit.
+KI_ONLY = {FAST_STATE: WHY_FAST_STATE, FAST_PLACEMENT: WHY_FAST_PLACEMENT}
+
+
 def _pi05_new_reason(key: str) -> str | None:
-    if key == FAST_STATE:
-        return WHY_FAST_STATE
+    if key in KI_ONLY:
+        return KI_ONLY[key]
     if key == VLM_STATE:
         return WHY_VLM_STATE
     if key.startswith("model.state_proj."):
@@ -165,32 +171,33 @@ def _pi05_new_reason(key: str) -> str | None:
 
 
 def _paligemma_new_reason(key: str) -> str | None:
-    if key == FAST_STATE:
-        return WHY_FAST_STATE
+    if key in KI_ONLY:
+        return KI_ONLY[key]
     if not key.startswith(PALIGEMMA):
         return WHY_NOT_PALIGEMMA
     return None
 
 
 # --- plans -----------------------------------------------------------------------------------------------
-def _our_shapes(policy: KIPolicy) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in policy.state_dict().items()}
+@dataclass(frozen=True)
+class CheckpointKind:
+    """What differs between the checkpoints ki_vla imports: their key names and what they lack."""
+
+    name: str
+    to_ours: Callable[[str], tuple[str, bool]]  # checkpoint key -> (our key, legacy name translated)
+    new_reason: Callable[[str], str | None]  # why one of our tensors is not in such a checkpoint
+    hub_first: str  # the file layout tried first on the Hub
 
 
 def _plan(
-    shapes: Shapes,
-    policy: KIPolicy,
-    source: str,
-    to_ours: Callable[[str], tuple[str, bool]],  # checkpoint key -> (our key, legacy name translated)
-    drop_reason: Callable[[str], str | None],
-    new_reason: Callable[[str], str | None],
+    kind: CheckpointKind, shapes: Shapes, module: nn.Module, config: KIConfig, source: str
 ) -> tuple[dict[str, _Take], WeightReport]:
-    ours = _our_shapes(policy)
+    ours = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     report = WeightReport(source=source)
     plan: dict[str, _Take] = {}
     for ckpt_key in sorted(shapes):
-        key, legacy = to_ours(ckpt_key)
-        reason = drop_reason(key)
+        key, legacy = kind.to_ours(ckpt_key)
+        reason = _drop_reason(key)
         if reason is not None:
             report.dropped[ckpt_key] = reason
             continue
@@ -200,8 +207,8 @@ def _plan(
         if legacy:
             report.renamed[ckpt_key] = key
     _tie_embeddings(plan, report)
-    report.new = {k: r for k in ours if k not in plan and (r := new_reason(k)) is not None}
-    _check(plan, shapes, ours, report, policy.config)
+    report.new = {k: r for k in ours if k not in plan and (r := kind.new_reason(k)) is not None}
+    _check(plan, shapes, ours, report, config)
     report.mapped = {k: take.key for k, take in plan.items()}
     return plan, report
 
@@ -284,9 +291,11 @@ def _few(keys: list[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
-def _materialize(plan: dict[str, _Take], get: Callable[[str], Tensor], policy: KIPolicy) -> dict[str, Tensor]:
-    """The planned tensors; a partial-vocabulary one is completed with the policy's own remaining rows."""
-    ours = policy.state_dict()
+def _materialize(
+    plan: dict[str, _Take], get: Callable[[str], Tensor], module: nn.Module
+) -> dict[str, Tensor]:
+    """The planned tensors; a partial-vocabulary one is completed with the module's own remaining rows."""
+    ours = module.state_dict()
     out = {}
     for k, take in plan.items():
         value = get(take.key)
@@ -297,9 +306,9 @@ def _materialize(plan: dict[str, _Take], get: Callable[[str], Tensor], policy: K
 
 
 @torch.no_grad()
-def _copy_into(policy: KIPolicy, plan: dict[str, _Take], get: Callable[[str], Tensor]) -> None:
+def _copy_into(module: nn.Module, plan: dict[str, _Take], get: Callable[[str], Tensor]) -> None:
     """Copy tensor by tensor (cast to each parameter's dtype/device), so peak memory is one tensor."""
-    targets = policy.state_dict(keep_vars=True)
+    targets = module.state_dict(keep_vars=True)
     for key, take in plan.items():
         value = get(take.key)
         if take.rows is None:
@@ -308,34 +317,65 @@ def _copy_into(policy: KIPolicy, plan: dict[str, _Take], get: Callable[[str], Te
             targets[key][: take.rows].copy_(value[: take.rows])
 
 
-# --- public: pi05 ----------------------------------------------------------------------------------------
+# --- the importer -----------------------------------------------------------------------------------------
+def _paligemma_to_ours(key: str) -> tuple[str, bool]:
+    current = hf_paligemma_key(key)
+    return PALIGEMMA + current, current != key
+
+
+PI05 = CheckpointKind("pi05", pi05_key, _pi05_new_reason, hub_first=SINGLE_FILE)
+PALIGEMMA_HF = CheckpointKind("PaliGemma", _paligemma_to_ours, _paligemma_new_reason, hub_first=SHARD_INDEX)
+
+
+def import_state_dict(
+    kind: CheckpointKind, state_dict: Mapping[str, Tensor], module: nn.Module, config: KIConfig
+) -> tuple[dict[str, Tensor], WeightReport]:
+    """A checkpoint's state dict -> the part of `module`'s (a KIPolicy) that it fills, plus the report.
+    Shape mismatches raise, naming the flag to set."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    plan, report = _plan(kind, shapes, module, config, f"a {kind.name} state dict")
+    return _materialize(plan, state_dict.__getitem__, module), report
+
+
+def load_checkpoint(
+    kind: CheckpointKind, module: nn.Module, config: KIConfig, source: str | Path, revision: str | None = None
+) -> WeightReport:
+    """Load a checkpoint (local dir, or a Hub id) into `module`, tensor by tensor from its safetensors."""
+    reader = _SafetensorsReader(_checkpoint_files(source, revision, first=kind.hub_first))
+    plan, report = _plan(kind, reader.shapes(), module, config, str(source))
+    _copy_into(module, plan, reader.tensor)
+    return report
+
+
 def pi05_to_ki_state_dict(
-    pi05_sd: Mapping[str, Tensor], ki_policy: KIPolicy
+    pi05_sd: Mapping[str, Tensor], module: nn.Module, config: KIConfig
 ) -> tuple[dict[str, Tensor], WeightReport]:
     """A LeRobot pi05 state dict (as PI05Policy saves it, with or without the `model.` prefix, openpi's
-    legacy names tolerated) -> ki_vla's state dict, plus the report. Shape mismatches raise, naming the
-    flag to set."""
-    plan, report = _plan(
-        {k: tuple(v.shape) for k, v in pi05_sd.items()},
-        ki_policy,
-        "a pi05 state dict",
-        pi05_key,
-        _drop_reason,
-        _pi05_new_reason,
-    )
-    return _materialize(plan, pi05_sd.__getitem__, ki_policy), report
+    legacy names tolerated) -> ki_vla's state dict, plus the report."""
+    return import_state_dict(PI05, pi05_sd, module, config)
+
+
+def paligemma_to_ki_state_dict(
+    hf_sd: Mapping[str, Tensor], module: nn.Module, config: KIConfig
+) -> tuple[dict[str, Tensor], WeightReport]:
+    """A transformers PaliGemmaForConditionalGeneration state dict (any key layout) -> the backbone part of
+    ki_vla's state dict; the expert and projections are reported as new."""
+    return import_state_dict(PALIGEMMA_HF, hf_sd, module, config)
 
 
 def load_pi05_weights(
-    policy: KIPolicy, path_or_repo_id: str | Path, revision: str | None = None
+    module: nn.Module, config: KIConfig, source: str | Path, revision: str | None = None
 ) -> WeightReport:
-    """Load a pi05 checkpoint (local dir, or a Hub id such as `lerobot/pi05_base`) into `policy`."""
-    reader = _SafetensorsReader(_checkpoint_files(path_or_repo_id, revision, first=SINGLE_FILE))
-    plan, report = _plan(
-        reader.shapes(), policy, str(path_or_repo_id), pi05_key, _drop_reason, _pi05_new_reason
-    )
-    _copy_into(policy, plan, reader.tensor)
-    return report
+    """A pi05 checkpoint (local dir, or a Hub id such as `lerobot/pi05_base`) into `module`."""
+    return load_checkpoint(PI05, module, config, source, revision)
+
+
+def load_paligemma_backbone(
+    module: nn.Module, config: KIConfig, source: str | Path, revision: str | None = None
+) -> WeightReport:
+    """`google/paligemma-3b-pt-224` (the transformers checkpoint, sharded or not: local dir or Hub id) into
+    the backbone of `module`; the expert keeps its fresh initialisation."""
+    return load_checkpoint(PALIGEMMA_HF, module, config, source, revision)
 
 
 def ki_config_from_pi05(path_or_repo_id: str | Path, revision: str | None = None) -> KIConfig:
@@ -360,46 +400,6 @@ def ki_config_from_pi05(path_or_repo_id: str | Path, revision: str | None = None
             return draccus.parse(KIConfig, str(cfg_file), args=[])
 
 
-# --- public: PaliGemma -----------------------------------------------------------------------------------
-def paligemma_to_ki_state_dict(
-    hf_sd: Mapping[str, Tensor], ki_policy: KIPolicy
-) -> tuple[dict[str, Tensor], WeightReport]:
-    """A transformers PaliGemmaForConditionalGeneration state dict (either key layout) -> the backbone
-    part of ki_vla's state dict; the expert and projections are reported as new."""
-    plan, report = _plan(
-        {k: tuple(v.shape) for k, v in hf_sd.items()},
-        ki_policy,
-        "a PaliGemma state dict",
-        _paligemma_to_ours,
-        _drop_reason,
-        _paligemma_new_reason,
-    )
-    return _materialize(plan, hf_sd.__getitem__, ki_policy), report
-
-
-def load_paligemma_backbone(
-    policy: KIPolicy, path_or_repo_id: str | Path, revision: str | None = None
-) -> WeightReport:
-    """Load `google/paligemma-3b-pt-224` (local dir of the transformers checkpoint, sharded or not, or the
-    Hub id) into the backbone of `policy`; the expert keeps its fresh initialisation."""
-    reader = _SafetensorsReader(_checkpoint_files(path_or_repo_id, revision, first=SHARD_INDEX))
-    plan, report = _plan(
-        reader.shapes(),
-        policy,
-        str(path_or_repo_id),
-        _paligemma_to_ours,
-        _drop_reason,
-        _paligemma_new_reason,
-    )
-    _copy_into(policy, plan, reader.tensor)
-    return report
-
-
-def _paligemma_to_ours(key: str) -> tuple[str, bool]:
-    current = hf_paligemma_key(key)
-    return PALIGEMMA + current, current != key
-
-
 # --- files -----------------------------------------------------------------------------------------------
 class _SafetensorsReader:
     """Tensors by name across safetensors files, read one at a time (nothing is loaded up front)."""
@@ -420,8 +420,18 @@ class _SafetensorsReader:
 
 
 def _is_local(path_or_repo_id: str | Path) -> bool:
+    """A path that exists, or anything huggingface_hub would not take for a repo id (it decides)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     text = str(path_or_repo_id)
-    return Path(text).exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1
+    if Path(text).expanduser().exists() or text.startswith(("/", ".", "~")):
+        return True
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return True
+    return False
 
 
 def _checkpoint_files(path_or_repo_id: str | Path, revision: str | None, first: str) -> list[Path]:
@@ -445,6 +455,22 @@ def _checkpoint_files(path_or_repo_id: str | Path, revision: str | None, first: 
             return [Path(found)]
         return [Path(checkpoint_file(path_or_repo_id, s, revision)) for s in _shard_names(Path(found))]
     raise FileNotFoundError(f"The Hub repo {path_or_repo_id} has neither {SINGLE_FILE} nor {SHARD_INDEX}.")
+
+
+def is_pi05_checkpoint(source: str | Path, revision: str | None = None, ours: str = "ki_vla") -> bool:
+    """Whether `source` holds a pi05 checkpoint (to start from) rather than one of `ours` (to reload),
+    from the `type` in its config.json (local dir or Hub); any other policy type is an error saying what
+    to do. An unreachable Hub is one clear line here rather than a confusing error later."""
+    cfg_file = checkpoint_file(source, "config.json", revision, optional=True)
+    saved = None if cfg_file is None else json.loads(Path(cfg_file).read_text()).get("type")
+    if saved is not None and saved not in (ours, PI05_TYPE):
+        raise ValueError(
+            f"{source} holds a '{saved}' policy, not '{ours}'. Load it with "
+            f"--policy.type={saved} / --policy.path. ki_vla starts from pi05 checkpoints "
+            "(--policy.pretrained_path) or PaliGemma (--policy.paligemma_pretrained_path): README, "
+            "'Starting from real weights'."
+        )
+    return saved == PI05_TYPE
 
 
 def _shard_names(index: Path) -> list[str]:

@@ -106,16 +106,19 @@ def test_chunk_over_fast_budget_errors_or_truncates_with_count(setup, caplog):
     cfg = policy.config
     stats = ds.meta.stats
     cfg.max_fast_tokens = 3
-    pre_err, _ = make_ki_vla_pre_post_processors(cfg, stats)
+    pre_err, _ = make_ki_vla_pre_post_processors(cfg, stats, fast_tokenizer=policy.fast_tokenizer)
     with pytest.raises(ValueError, match=r"max_fast_tokens=3.*fast_overflow=truncate"):
         pre_err(_raw(ds))
     cfg.fast_overflow = "truncate"
-    pre_trunc, _ = make_ki_vla_pre_post_processors(cfg, stats)
+    pre_trunc, _ = make_ki_vla_pre_post_processors(cfg, stats, fast_tokenizer=policy.fast_tokenizer)
     with caplog.at_level(logging.WARNING):
         batch = pre_trunc(_raw(ds))
     fast_step = next(s for s in pre_trunc.steps if type(s).__name__ == "KIFastTokenizerStep")
     assert fast_step.num_truncated == 2 and "truncated" in caplog.text
-    assert batch["action.token_mask"].shape[1] == 3 and batch["action.tokens"][0, 2] == policy.layout.eos_id
+    assert (
+        batch["action.token_mask"].shape[1] == 3
+        and batch["action.tokens"][0, 2] == policy.model.layout.eos_id
+    )
     cfg.max_fast_tokens, cfg.fast_overflow = 40, "error"
 
 

@@ -5,6 +5,8 @@ sampler on every GPU run.)"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from lerobot.policies.common.flow_matching import euler_integrate
@@ -18,9 +20,10 @@ from lerobot.utils.constants import (
 from synthetic_dataset import make_dataset
 from tiny_setup import batch_of, build
 
-from lerobot_ki import modeling_ki
-from lerobot_ki.model_ki import euler_steps
-from lerobot_ki.modeling_ki import PROMPT_LENGTH_MULTIPLE, trim_prompt_padding
+from lerobot_ki import model_inputs
+from lerobot_ki.cuda_graphs import flatten, unflatten
+from lerobot_ki.model_inputs import PROMPT_LENGTH_MULTIPLE, robot_inputs, trim_prompt_padding
+from lerobot_ki.vla_model import euler_steps
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +49,15 @@ def _pad_prompt(batch: dict, extra: int) -> dict:
 def test_graph_safe_prefix_and_suffix_match_pi05(tiny):
     policy, batch = tiny
     model = policy.model
-    images, img_masks, tokens, masks, _ = policy._model_inputs(batch)
+    inputs = robot_inputs(batch, policy.config)
+    images, img_masks, tokens, masks = (
+        inputs.images,
+        inputs.image_masks,
+        inputs.prompt_ids,
+        inputs.prompt_mask,
+    )
     ours, theirs = (
-        model.embed_prefix(images, img_masks, tokens, masks),
+        model.embed_images_and_prompt(images, img_masks, tokens, masks),
         PI05Pytorch.embed_prefix(model, images, img_masks, tokens, masks),
     )
     for a, b in zip(ours, theirs, strict=True):
@@ -84,13 +93,13 @@ def test_prompt_trimming_keeps_every_valid_token_and_changes_no_output(tiny):
     chunk = policy.predict_action_chunk(batch, noise=noise.clone())
     chunk_wide = policy.predict_action_chunk(wide, noise=noise.clone())
     # Without trimming: the untrimmed prompt through the model directly.
-    embs, pad = policy.model.embed_prefix_with_state(
-        *policy._preprocess_images(wide),
-        wide[OBS_LANGUAGE_TOKENS],
-        wide[OBS_LANGUAGE_ATTENTION_MASK].bool(),
-        None,
+    inputs = dataclasses.replace(
+        robot_inputs(wide, policy.config),
+        prompt_ids=wide[OBS_LANGUAGE_TOKENS],
+        prompt_mask=wide[OBS_LANGUAGE_ATTENTION_MASK].bool(),
     )
-    untrimmed = policy.model.sample_actions(embs, pad, noise=noise.clone())[:, :, : chunk.shape[-1]]
+    steps = policy.config.num_inference_steps
+    untrimmed = policy.model.sample_actions(inputs, noise.clone(), steps)[:, :, : chunk.shape[-1]]
     assert torch.allclose(chunk, chunk_wide, atol=1e-5)
     assert torch.allclose(chunk, untrimmed, atol=1e-5)
     assert chunk.abs().max() > 0.05  # a real chunk, not zeros
@@ -102,7 +111,7 @@ def test_prompt_trimming_leaves_the_training_losses_unchanged(tiny, monkeypatch)
     losses = []
     for trim in (True, False):
         if not trim:
-            monkeypatch.setattr(modeling_ki, "trim_prompt_padding", lambda ids, mask: (ids, mask.bool()))
+            monkeypatch.setattr(model_inputs, "trim_prompt_padding", lambda ids, mask: (ids, mask.bool()))
         torch.manual_seed(11)  # same flow noise and time
         _, info = policy.forward(wide)
         losses.append(info)
@@ -114,10 +123,15 @@ def test_prompt_trimming_leaves_the_training_losses_unchanged(tiny, monkeypatch)
 def test_one_call_sampler_equals_prefill_then_expert_steps(tiny):
     policy, batch = tiny
     noise = torch.randn(3, policy.config.chunk_size, policy.config.max_action_dim)
-    images, img_masks, tokens, masks, state = policy._model_inputs(batch)
-    one_call = policy._sample_inputs(*images, *img_masks, tokens, masks, state, noise.clone())
-    embs, pad = policy.model.embed_prefix_with_state(images, img_masks, tokens, masks, state)
-    two_calls = policy.model.sample_actions(embs, pad, noise=noise.clone())
+    model, steps = policy.model, policy.config.num_inference_steps
+    inputs = robot_inputs(batch, policy.config)
+    # What the CUDA graph records: the inputs flattened field by field and rebuilt inside the graph.
+    tensors, spec = flatten(inputs)
+    assert len(tensors) == 2 * len(inputs.images) + 3
+    one_call = model.sample_actions(unflatten(tensors, spec), noise.clone(), steps)
+    embs, pad = model.embed_prefix(inputs)
+    _, kv = model.prefill(embs, pad)
+    two_calls = euler_steps(lambda x, t: model.velocity(kv, pad, x, t), noise.clone(), steps)
     assert torch.equal(one_call, two_calls)
     chunk = policy.predict_action_chunk(batch, noise=noise.clone())
     assert torch.equal(one_call[:, :, : chunk.shape[-1]], chunk)
@@ -126,7 +140,7 @@ def test_one_call_sampler_equals_prefill_then_expert_steps(tiny):
 def test_fast_ce_on_valid_slots_only_equals_the_masked_mean_over_all_slots(tiny):
     policy, batch = tiny
     model = policy.model
-    prefix_embs, prefix_pad = policy._prefix(batch)
+    prefix_embs, prefix_pad = model.embed_prefix(robot_inputs(batch, policy.config))
     ids, mask = batch[ACTION_TOKENS], batch[ACTION_TOKEN_MASK].bool()
     assert (~mask).any() and mask.any()  # the batch has padding slots, so skipping them is exercised
     hidden, _, loss, acc = model.next_token_ce(prefix_embs, prefix_pad, ids, mask)

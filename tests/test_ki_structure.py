@@ -9,6 +9,8 @@ from lerobot.utils.constants import ACTION, ACTION_TOKEN_MASK, ACTION_TOKENS
 from synthetic_dataset import make_dataset
 from tiny_setup import batch_of, build
 
+from lerobot_ki.model_inputs import robot_inputs
+
 
 @pytest.fixture(scope="module")
 def dataset_root(tmp_path_factory):
@@ -56,7 +58,7 @@ def test_flow_loss_reaches_the_backbone_without_stop_gradient(dataset_root):
 
 
 def _prefix_and_fast(policy, batch):
-    prefix_embs, prefix_pad = policy._prefix(batch)
+    prefix_embs, prefix_pad = policy.model.embed_prefix(robot_inputs(batch, policy.config))
     return prefix_embs, prefix_pad, batch[ACTION_TOKENS], batch[ACTION_TOKEN_MASK].bool()
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lerobot_ki.cli import eval_vlm, make_vlm_corpus, pretrain_vlm
+from lerobot_ki.model_inputs import ModelInputs
 from lerobot_ki.scene_questions import (
     LEFT_RIGHT_MARGIN,
     TASK_OBJECTS,
@@ -215,23 +216,26 @@ def test_export_is_a_transformers_paligemma_with_our_logits(pretrained):
     folder = pretrained / "paligemma"
     hf, info = PaliGemmaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
     assert not any(info.values())  # no missing, unexpected or mismatched keys
-    policy = eval_vlm.load_for_eval(str(folder), "cpu")
+    policy, tokenizer = eval_vlm.load_for_eval(str(folder), "cpu")
     torch.manual_seed(0)
     image = torch.rand(1, 3, RESOLUTION, RESOLUTION)
-    prompt = policy.text_tokenizer.encode_text("Where is the gripper?\n", bos=True)
+    prompt = tokenizer.encode_text("Where is the gripper?\n", bos=True)
     n_img = (RESOLUTION // hf.config.vision_config.patch_size) ** 2
     ids = torch.tensor([[hf.config.image_token_index] * n_img + prompt])
+    inputs = ModelInputs(
+        [image * 2 - 1],
+        [torch.ones(1, dtype=torch.bool)],
+        torch.tensor([prompt]),
+        torch.ones(1, len(prompt), dtype=torch.bool),
+        torch.zeros(1, 0),
+    )
     with torch.no_grad():
         theirs = hf(input_ids=ids, pixel_values=image * 2 - 1, token_type_ids=torch.zeros_like(ids)).logits[
             0, -1
         ]
-        embs, pad, _ = policy.model.embed_prefix(
-            [image * 2 - 1], [torch.ones(1, dtype=torch.bool)], torch.tensor([prompt]),
-            torch.ones(1, len(prompt), dtype=torch.bool),
-        )  # fmt: skip
-        hidden, _ = policy.model.prefill(embs, pad)
+        hidden, _ = policy.model.prefill(*policy.model.embed_prefix(inputs))
         ours = policy.model.paligemma_with_expert.lm_logits(hidden)[0, -1]
-    text_rows = policy.layout.text_vocab_size
+    text_rows = policy.model.layout.text_vocab_size
     torch.testing.assert_close(ours[:text_rows], theirs[:text_rows], atol=1e-5, rtol=1e-5)
 
 
@@ -254,12 +258,12 @@ def test_loaded_backbone_keeps_text_rows_and_leaves_fast_rows_fresh(pretrained):
     from lerobot_ki.weights import load_paligemma_backbone
 
     folder = pretrained / "paligemma"
-    policy = eval_vlm.load_for_eval(str(folder), "cpu")
+    policy, _ = eval_vlm.load_for_eval(str(folder), "cpu")
     saved = pretrain_vlm.build_policy("tiny", RESOLUTION, seed=0)  # same seed: same fresh FAST rows
-    report = load_paligemma_backbone(saved, folder)
+    report = load_paligemma_backbone(saved, saved.config, folder)
     assert any("(FAST ids) keep their init" in n for n in report.notes)
     emb = "model.paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
-    rows = policy.layout.text_vocab_size
+    rows = policy.model.layout.text_vocab_size
     assert torch.equal(policy.state_dict()[emb][:rows], saved.state_dict()[emb][:rows])
     assert policy.state_dict()[emb].shape[0] == rows + policy.config.fast_vocab_size
     # A PaliGemma-vocabulary tokenizer on this byte-vocabulary checkpoint is refused, naming the fix.

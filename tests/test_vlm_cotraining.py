@@ -16,11 +16,12 @@ from synthetic_dataset import make_dataset
 from tiny_setup import batch_of, build, train_steps
 from vlm_fixtures import COLOUR_NAMES, PROMPT, colour_records, save_hf_dataset
 
+from lerobot_ki.model_inputs import vlm_inputs
 from lerobot_ki.modeling_ki import KIPolicy
 from lerobot_ki.processor_ki import text_tokenizer_of
-from lerobot_ki.text_generation import token_picker
+from lerobot_ki.text_generation import generate_text, token_picker
 from lerobot_ki.text_tokenizer import load_text_tokenizer
-from lerobot_ki.vlm_cotraining import STATE_FIELDS, VLMCoTraining, collate, tokenize_example
+from lerobot_ki.vlm_cotraining import STATE_FIELDS, VLMCoTraining, collate, tokenize_example, vlm_loss
 from lerobot_ki.vlm_data import BadVLMRecord, image_to_tensor
 
 
@@ -39,7 +40,7 @@ def _build(roots, **overrides):
 
 def _examples(policy, n_images: list[int]):
     records = colour_records(len(n_images), seed=5)
-    tok = policy.text_tokenizer
+    tok = policy.vlm_cotraining.tokenizer
     return [
         tokenize_example([image_to_tensor(r["image"])] * k, r["prompt"], r["answer"], tok, 72, 16, 2)
         for r, k in zip(records, n_images, strict=True)
@@ -50,8 +51,8 @@ def _examples(policy, n_images: list[int]):
 def test_vlm_loss_trains_the_backbone_only_and_masks_absent_cameras(roots):
     policy, *_ = _build(roots)
     policy.train()
-    batch = collate(_examples(policy, [1, 2]), policy.layout.pad_id)  # example 0 lacks camera 2
-    loss, info = policy.vlm_loss(batch)
+    batch = collate(_examples(policy, [1, 2]), policy.model.layout.pad_id)  # example 0 lacks camera 2
+    loss, info = vlm_loss(policy.model, batch)
     assert info["vlm_loss"] > 0
     loss.backward()
 
@@ -72,7 +73,8 @@ def test_vlm_loss_trains_the_backbone_only_and_masks_absent_cameras(roots):
 
     # The absent camera's tokens are padding: no query attends to them.
     with torch.no_grad():
-        _, pad = policy._vlm_prefix(batch.images, batch.prompt_ids, batch.prompt_mask)
+        inputs = vlm_inputs(batch.images, batch.prompt_ids, batch.prompt_mask, policy.config, "cpu")
+        _, pad = policy.model.embed_prefix(inputs)
     n_img = (policy.config.image_resolution[0] // 16) ** 2  # tiny SigLIP: 16-px patches
     assert pad[0, :n_img].all() and not pad[0, n_img : 2 * n_img].any()
     assert pad[1, : 2 * n_img].all()
@@ -119,12 +121,11 @@ def test_records_the_model_cannot_take_are_skipped_as_bad_records():
 def test_mixing_ratio_holds_over_many_steps(roots, ratio):
     policy, *_ = _build(roots, vlm_mix_ratio=ratio)
     co: VLMCoTraining = policy.vlm_cotraining
-    tok = policy.text_tokenizer
     robot_total = vlm_total = 0
     per_step = []
     for step in range(400):
         batch = 8 if step % 50 else 5  # a short last batch now and then, as at an epoch's end
-        n = len(co.draw(batch, tok))
+        n = len(co.draw(batch))
         robot_total += batch
         vlm_total += n
         per_step.append(n)
@@ -148,7 +149,7 @@ def test_streaming_source_feeds_the_policy(roots):
 
 # --- a VLM task learned while the robot trains ----------------------------------------------------------
 def _colour_accuracy(policy, images, answers) -> float:
-    out = policy.generate_text(images, PROMPT, max_new_tokens=8)
+    out = generate_text(policy.model, policy.vlm_cotraining.tokenizer, images, PROMPT, max_new_tokens=8)
     return float(np.mean([o == a for o, a in zip(out, answers, strict=True)]))
 
 
@@ -183,16 +184,16 @@ def test_colour_task_is_learned_while_robot_training_continues(roots):
 # --- generate_text ---------------------------------------------------------------------------------
 def test_generate_text_greedy_and_sampled(roots):
     policy, pre, *_ = _build(roots)
-    # The policy's tokenizer is the processor's (built from the same config); it can also be handed over.
-    assert text_tokenizer_of(pre).to_str() == policy.text_tokenizer.to_str()
-    policy.set_text_tokenizer(text_tokenizer_of(pre))
+    # Co-training's tokenizer is the processor's (built from the same config); either can be handed over.
+    tok = text_tokenizer_of(pre)
+    assert tok.to_str() == policy.vlm_cotraining.tokenizer.to_str()
     images = torch.rand(6, 3, 40, 48)  # resized with padding to the model's 32x32, like robot frames
-    greedy = policy.generate_text(images, PROMPT, max_new_tokens=6)
-    assert len(greedy) == 6 and greedy == policy.generate_text(images, PROMPT, max_new_tokens=6)
+    greedy = generate_text(policy.model, tok, images, PROMPT, max_new_tokens=6)
+    assert len(greedy) == 6 and greedy == generate_text(policy.model, tok, images, PROMPT, max_new_tokens=6)
 
     def sample(seed: int, **kw) -> list[str]:
         gen = torch.Generator().manual_seed(seed)
-        return policy.generate_text(images, PROMPT, max_new_tokens=6, generator=gen, **kw)
+        return generate_text(policy.model, tok, images, PROMPT, max_new_tokens=6, generator=gen, **kw)
 
     hot = {"temperature": 1.5, "top_k": 50, "top_p": 0.95}
     assert sample(0, **hot) == sample(0, **hot)
@@ -225,8 +226,8 @@ def test_checkpoints_carry_the_stream_position(roots, tmp_path):
     loaded = KIPolicy.from_pretrained(tmp_path / "ckpt")
     assert loaded.vlm_cotraining.counts() == saved
     # It continues where it stopped: the next records are those the original stream reads next.
-    examples = loaded.vlm_cotraining.draw(4, loaded.text_tokenizer)
-    expected = policy.vlm_cotraining.draw(4, policy.text_tokenizer)
+    examples = loaded.vlm_cotraining.draw(4)
+    expected = policy.vlm_cotraining.draw(4)
     assert [e.target_ids for e in examples] == [e.target_ids for e in expected]
 
     # A co-trained checkpoint loads into a policy that does not co-train, and the reverse.

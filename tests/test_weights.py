@@ -28,14 +28,17 @@ from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
 from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.modeling_ki import KIPolicy
-from lerobot_ki.variants import PALIGEMMA_VOCAB_SIZE, TINY_BACKBONE, TINY_SIGLIP
+from lerobot_ki.variants import TINY_BACKBONE, TINY_SIGLIP
+from lerobot_ki.vocabulary import PALIGEMMA_VOCAB_SIZE
 from lerobot_ki.weights import (
     EMBED,
     EXPERT,
+    FAST_PLACEMENT,
     FAST_STATE,
     LM_HEAD,
     PALIGEMMA,
     WHY_EXPERT_LM_HEAD,
+    WHY_FAST_PLACEMENT,
     WHY_FAST_STATE,
     WHY_NOT_PALIGEMMA,
     WHY_SIGLIP_HEAD,
@@ -110,13 +113,15 @@ def _write_pi05_checkpoint(root: Path, source: KIPolicy, cfg: KIConfig) -> Path:
     """`source`'s weights as lerobot/pi05_base stores them: no `model.` prefix, openpi's
     `action_time_mlp_*`, only the LM head of the (tied) embedding pair, and the expert LM head pi05
     carries. Plus pi05 processors that must never be read (they name a step nobody registered)."""
-    sd = {k: v.clone() for k, v in source.state_dict().items() if k not in (FAST_STATE, EMBED)}
+    sd = {
+        k: v.clone() for k, v in source.state_dict().items() if k not in (FAST_STATE, FAST_PLACEMENT, EMBED)
+    }
     pi05 = {}
     for key, value in sd.items():
         key = key.removeprefix("model.").replace("time_mlp_", "action_time_mlp_")
         pi05[key] = value.contiguous()
     width = source.model.action_in_proj.out_features
-    pi05[EXPERT_LM_HEAD.removeprefix("model.")] = torch.randn(source.layout.vocab_size, width)
+    pi05[EXPERT_LM_HEAD.removeprefix("model.")] = torch.randn(source.model.layout.vocab_size, width)
     root.mkdir(parents=True)
     save_file(pi05, root / "model.safetensors")
     (root / "config.json").write_text(json.dumps(_pi05_config_json(cfg)))
@@ -179,11 +184,11 @@ def test_every_pi05_key_maps_onto_ki_vla_at_full_size(state_mode):
     pi05 = _on_meta(PI05Policy, PI05Config(device="cpu"))
     ki = _on_meta(KIPolicy, KIConfig(device="cpu", state_mode=state_mode))
     pi05_sd, ki_sd = pi05.state_dict(), ki.state_dict()
-    new = {FAST_STATE: WHY_FAST_STATE}
+    new = {FAST_STATE: WHY_FAST_STATE, FAST_PLACEMENT: WHY_FAST_PLACEMENT}
     if state_mode == "continuous":
         new |= {"model.state_proj.weight": WHY_STATE_PROJ, "model.state_proj.bias": WHY_STATE_PROJ}
 
-    mapped, report = pi05_to_ki_state_dict(pi05_sd, ki)
+    mapped, report = pi05_to_ki_state_dict(pi05_sd, ki, ki.config)
 
     assert len(pi05_sd) == 813
     assert report.dropped == {EXPERT_LM_HEAD: WHY_EXPERT_LM_HEAD}  # the only pi05 tensor left behind
@@ -204,8 +209,8 @@ def test_pi05_hub_layout_maps_at_full_size():
         for k, v in pi05_sd.items()
         if k != EMBED
     }
-    mapped, report = pi05_to_ki_state_dict(hub, ki)
-    assert set(mapped) == set(ki.state_dict()) - {FAST_STATE}
+    mapped, report = pi05_to_ki_state_dict(hub, ki, ki.config)
+    assert set(mapped) == set(ki.state_dict()) - {FAST_STATE, FAST_PLACEMENT}
     assert mapped[EMBED] is mapped[LM_HEAD] is hub[LM_HEAD.removeprefix("model.")]
     assert sorted(report.renamed.values()) == [
         f"model.time_mlp_{io}.{p}" for io in ("in", "out") for p in ("bias", "weight")
@@ -247,12 +252,12 @@ def test_paligemma_3b_maps_onto_the_backbone_at_full_size():
     ki = _on_meta(KIPolicy, KIConfig(device="cpu"))
     ki_sd = ki.state_dict()
 
-    mapped, report = paligemma_to_ki_state_dict(hf_sd, ki)
+    mapped, report = paligemma_to_ki_state_dict(hf_sd, ki, ki.config)
 
     backbone = {k for k in ki_sd if k.startswith(PALIGEMMA)}
     assert set(mapped) == backbone
     assert set(report.new) == set(ki_sd) - backbone
-    assert set(report.new.values()) == {WHY_NOT_PALIGEMMA, WHY_FAST_STATE}
+    assert set(report.new.values()) == {WHY_NOT_PALIGEMMA, WHY_FAST_STATE, WHY_FAST_PLACEMENT}
     assert all(tuple(mapped[k].shape) == tuple(ki_sd[k].shape) for k in mapped)
     assert tuple(hf_sd["lm_head.weight"].shape) == (257216, 2048)
     assert tuple(mapped[EMBED].shape) == (PALIGEMMA_VOCAB_SIZE, 2048)
@@ -345,7 +350,7 @@ def test_lerobot_train_starts_from_a_pi05_checkpoint(
 @pytest.mark.parametrize("layout", ["save_pretrained", "hub_original"])
 def test_paligemma_checkpoint_fills_the_backbone_only(layout, tmp_path):
     cfg = tiny_config(**TINY)
-    vocab = KIPolicy(cfg).layout.vocab_size
+    vocab = KIPolicy(cfg).model.layout.vocab_size
     hf = _tiny_hf_paligemma(cfg, vocab)
     hf_sd = hf.state_dict()  # in-memory layout: model.language_model..., lm_head.weight (tied)
     ckpt = tmp_path / "paligemma"
@@ -372,7 +377,7 @@ def test_paligemma_checkpoint_fills_the_backbone_only(layout, tmp_path):
             assert torch.equal(value, hf_sd[key.removeprefix(PALIGEMMA)]), key
         else:  # the expert, projections and time MLP: exactly their fresh initialisation
             assert torch.equal(value, init[key]), key
-    report = load_paligemma_backbone(policy, ckpt)
+    report = load_paligemma_backbone(policy, policy.config, ckpt)
     assert set(report.mapped) == {k for k in ours if k.startswith(PALIGEMMA)}
     expected_drop = (
         {} if layout == "save_pretrained" else {"vision_tower.vision_model.head.probe": WHY_SIGLIP_HEAD}
@@ -398,8 +403,8 @@ def test_a_ki_checkpoint_does_not_reload_paligemma(tmp_path):
 @pytest.mark.parametrize(
     ("load", "repo_id"),
     [
-        (lambda p, r: load_pi05_weights(p, r), "lerobot/pi05_base"),
-        (lambda p, r: load_paligemma_backbone(p, r), "google/paligemma-3b-pt-224"),
+        (lambda p, r: load_pi05_weights(p, p.config, r), "lerobot/pi05_base"),
+        (lambda p, r: load_paligemma_backbone(p, p.config, r), "google/paligemma-3b-pt-224"),
         (lambda p, r: KIPolicy.from_pretrained(r), "lerobot/pi05_base"),
         (lambda p, r: KIPolicy(tiny_config(paligemma_pretrained_path=r)), "google/paligemma-3b-pt-224"),
     ],

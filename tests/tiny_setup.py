@@ -52,9 +52,8 @@ def build(root: Path, seed: int = 0, **overrides):
     cfg = tiny_config(**overrides)
     ds = load_dataset(root, cfg.chunk_size)
     fast, _ = fit_fast_on_dataset("local/ki_synthetic", root, cfg, ds.meta.stats)
-    cfg._runtime_fast_tokenizer = fast
-    policy = KIPolicy(cfg, dataset_stats=ds.meta.stats)
-    pre, post = make_ki_vla_pre_post_processors(cfg, ds.meta.stats)
+    policy = KIPolicy(cfg, dataset_stats=ds.meta.stats, fast_tokenizer=fast)
+    pre, post = make_ki_vla_pre_post_processors(cfg, ds.meta.stats, fast_tokenizer=fast)
     return policy, pre, post, ds
 
 

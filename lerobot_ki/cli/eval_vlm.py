@@ -3,8 +3,8 @@
     lerobot-ki-eval-vlm --checkpoint outputs/ki/checkpoints/last/pretrained_model \
         --data data/mw_vqa/heldout_scenes,data/mw_vqa/heldout_tasks
 
-answers every question of each VQA folder greedily with the backbone (`KIPolicy.generate_text`, batched)
-and prints exact-match accuracy per question type next to the blind (question-only) and uniform rates
+answers every question of each VQA folder greedily with the backbone (`generate_text`, batched) and
+prints exact-match accuracy per question type next to the blind (question-only) and uniform rates
 (`lerobot_ki/vlm_accuracy.py`). `--checkpoint` is a ki_vla checkpoint (a `pretrained_model` folder or
 a Hub id) or a PaliGemma folder such as the one `lerobot-ki-pretrain-vlm` writes. Run it on the backbone
 before and after fine-tuning to see what a training recipe kept.
@@ -22,24 +22,28 @@ import torch
 
 
 def load_for_eval(checkpoint: str, device: str):
-    """A KIPolicy whose backbone is the checkpoint's, with the checkpoint's own text tokenizer."""
+    """(policy, text tokenizer): a KIPolicy whose backbone is the checkpoint's, and the checkpoint's own
+    tokenizer (the one its preprocessor saved, else the one its config names)."""
     from lerobot_ki.modeling_ki import KIPolicy
+    from lerobot_ki.text_tokenizer import load_text_tokenizer
 
     path = Path(checkpoint)
     config_file = path / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "paligemma":
-        return _policy_from_paligemma(path, device)
-    policy = KIPolicy.from_pretrained(checkpoint)
-    policy.to(device)
-    if (path / "policy_preprocessor.json").is_file():
-        # A saved tokenizer beats one built from the config's name (a Hub id may be unreachable).
-        from lerobot.processor import PolicyProcessorPipeline
+        policy = _policy_from_paligemma(path, device)
+    else:
+        policy = KIPolicy.from_pretrained(checkpoint)
+        policy.to(device)
+        if (path / "policy_preprocessor.json").is_file():
+            # A saved tokenizer beats one built from the config's name (a Hub id may be unreachable).
+            from lerobot.processor import PolicyProcessorPipeline
 
-        from lerobot_ki.processor_ki import text_tokenizer_of
+            from lerobot_ki.processor_ki import text_tokenizer_of
 
-        pre = PolicyProcessorPipeline.from_pretrained(path, config_filename="policy_preprocessor.json")
-        policy.set_text_tokenizer(text_tokenizer_of(pre))
-    return policy
+            pre = PolicyProcessorPipeline.from_pretrained(path, config_filename="policy_preprocessor.json")
+            return policy, text_tokenizer_of(pre)
+    cfg = policy.config
+    return policy, load_text_tokenizer(cfg.text_tokenizer, cfg.fast_vocab_size)
 
 
 def _policy_from_paligemma(path: Path, device: str):
@@ -108,20 +112,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lerobot_ki.vlm_accuracy import answer_all, max_answer_tokens, policy_generator, read_records, score
+    from lerobot_ki.vlm_accuracy import answer_all, max_answer_tokens, model_generator, read_records, score
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     folders = [Path(f) for f in args.data.split(",") if f]
     try:
-        policy = load_for_eval(args.checkpoint, args.device)
+        policy, tokenizer = load_for_eval(args.checkpoint, args.device)
         ref_dir = Path(args.reference) if args.reference else folders[0].parent / "train"
         reference = read_records(ref_dir) if ref_dir.is_dir() and any(ref_dir.glob("*.jsonl")) else None
         results = {}
         policy.eval()
         for folder in folders:
             records = read_records(folder, args.limit)
-            gen = policy_generator(policy, max_answer_tokens(records, policy.text_tokenizer))
+            gen = model_generator(policy.model, tokenizer, max_answer_tokens(records, tokenizer))
             with torch.no_grad():
                 report = score(records, answer_all(gen, records, args.batch_size, args.progress), reference)
             results[str(folder)] = {"scores": report.as_dict(), "predictions": report.predictions}

@@ -5,7 +5,7 @@ checkpoint, so that there is something for knowledge insulation to keep.
 
 trains the backbone of a ki_vla policy (SigLIP tower + projector + Gemma LM of `--variant`, default
 `tiny`) by next-token cross-entropy on the answers of `<corpus>/train` (the same loss VLM co-training
-uses: `KIPolicy.vlm_loss`), evaluates greedy answers on a fixed slice of `<corpus>/heldout_scenes` every
+uses: `vlm_cotraining.vlm_loss`), evaluates greedy answers on a fixed slice of `<corpus>/heldout_scenes` every
 `--eval_every` steps, and stops when that accuracy has not improved by `--min_delta` for `--patience`
 evaluations (or at `--max_steps` / `--max_minutes`). The best evaluated weights are kept, scored on the
 full held-out splits (per question type, next to the blind and uniform rates) and written to
@@ -62,7 +62,7 @@ def build_policy(variant: str, resolution: int, seed: int):
 class TrainSet:
     """Every training record tokenized once, its image decoded once (shared by its questions)."""
 
-    def __init__(self, folder: Path, policy):
+    def __init__(self, folder: Path, policy, tokenizer):
         from lerobot_ki.vlm_accuracy import read_records
         from lerobot_ki.vlm_cotraining import tokenize_example
         from lerobot_ki.vlm_data import image_to_tensor
@@ -75,7 +75,7 @@ class TrainSet:
             if r.image not in images:
                 images[r.image] = (image_to_tensor(r.image) * 255).round().to(torch.uint8)  # compact
             ex = tokenize_example(
-                [images[r.image]], r.prompt, r.answer, policy.text_tokenizer, cfg.tokenizer_max_length, 64, 1
+                [images[r.image]], r.prompt, r.answer, tokenizer, cfg.tokenizer_max_length, 64, 1
             )
             self.examples.append(ex)
 
@@ -89,10 +89,10 @@ class TrainSet:
         return collate(as_float, pad_id)
 
 
-def evaluate(policy, records, reference, batch_size: int, progress: bool = False):
-    from lerobot_ki.vlm_accuracy import answer_all, max_answer_tokens, policy_generator, score
+def evaluate(model, tokenizer, records, reference, batch_size: int, progress: bool = False):
+    from lerobot_ki.vlm_accuracy import answer_all, max_answer_tokens, model_generator, score
 
-    gen = policy_generator(policy, max_answer_tokens(records, policy.text_tokenizer))
+    gen = model_generator(model, tokenizer, max_answer_tokens(records, tokenizer))
     return score(records, answer_all(gen, records, batch_size, progress), reference)
 
 
@@ -116,7 +116,9 @@ def pretrain(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from lerobot_ki.paligemma_export import save_as_paligemma
+    from lerobot_ki.text_tokenizer import load_text_tokenizer
     from lerobot_ki.vlm_accuracy import read_records
+    from lerobot_ki.vlm_cotraining import vlm_loss
 
     corpus, out = Path(args.corpus), Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -141,6 +143,8 @@ def pretrain(args: argparse.Namespace) -> dict:
             target.unlink()
 
     policy = build_policy(args.variant, resolution, args.seed)
+    model, cfg = policy.model, policy.config
+    tokenizer = load_text_tokenizer(cfg.text_tokenizer, cfg.fast_vocab_size)
     backbone = policy.model.paligemma_with_expert.paligemma
     for p in policy.parameters():
         p.requires_grad_(False)
@@ -150,7 +154,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
 
     t0 = time.perf_counter()
-    train = TrainSet(corpus / "train", policy)
+    train = TrainSet(corpus / "train", policy, tokenizer)
     eval_records = every_kth(read_records(corpus / "heldout_scenes"), args.eval_size)
     logger.info(
         "%d training records, %d held-out records for early stopping", len(train.examples), len(eval_records)
@@ -168,7 +172,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         idx, order = order[: args.batch_size], order[args.batch_size :]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        loss, info = policy.vlm_loss(train.batch(idx, policy.layout.pad_id))
+        loss, info = vlm_loss(model, train.batch(idx, model.layout.pad_id))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -188,7 +192,7 @@ def pretrain(args: argparse.Namespace) -> dict:
             bar.set_postfix(loss=f"{info['vlm_loss']:.3f}", acc=f"{info['vlm_token_acc']:.2f}")
         if step % args.eval_every == 0 or step == args.max_steps:
             policy.eval()
-            report = evaluate(policy, eval_records, train.records, args.eval_batch_size)
+            report = evaluate(model, tokenizer, eval_records, train.records, args.eval_batch_size)
             policy.train()
             acc = report.scores["all"].accuracy
             log.write(
@@ -236,16 +240,16 @@ def pretrain(args: argparse.Namespace) -> dict:
     tables = []
     for split in HELDOUT_SPLITS:
         records = read_records(corpus / split)
-        report = evaluate(policy, records, train.records, args.eval_batch_size, args.progress)
+        report = evaluate(model, tokenizer, records, train.records, args.eval_batch_size, args.progress)
         result["splits"][split] = {"scores": report.as_dict(), "predictions": report.predictions}
         tables.append(f"### {split} ({len(records)} questions)\n\n{report.table()}\n")
-    layout = policy.layout
+    layout = model.layout
     save_as_paligemma(
         backbone,
         layout.text_vocab_size,
         {"pad": layout.pad_id, "bos": layout.bos_id, "eos": layout.eos_id},
         out / "paligemma",
-        policy.text_tokenizer.to_str(),
+        tokenizer.to_str(),
     )
     (out / "paligemma" / "vlm_pretraining.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")

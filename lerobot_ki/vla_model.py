@@ -9,6 +9,9 @@ Token sequence and who sees whom (DESIGN.md section 2):
 The expert tokens are never in the backbone's sequence, so nothing before them can see them; they read
 the prefix K/V (which cannot depend on the FAST tokens: prefix rows do not attend to FAST columns).
 Training therefore looks exactly like inference (prefill, then expert steps) plus a CE loss.
+
+The model reads `ModelInputs` (model_inputs.py) and composes LeRobot's flow-matching and VLA functions; its
+towers keep pi05's module names so that pi05 checkpoints load key for key.
 """
 
 from __future__ import annotations
@@ -17,24 +20,30 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from lerobot.policies.common.flow_matching import euler_integrate
+from lerobot.policies.common.flow_matching import euler_integrate, sample_noise, sample_time_beta
 from lerobot.policies.common.vla_utils import create_sinusoidal_pos_embedding, make_att_2d_masks
-from lerobot.policies.pi05.modeling_pi05 import PI05Pytorch
+from lerobot.policies.rtc.modeling_rtc import RTCProcessor
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lerobot_ki.architecture import KIPaliGemmaWithExpert
 from lerobot_ki.configuration_ki import KIConfig
+from lerobot_ki.model_inputs import ModelInputs
 from lerobot_ki.transformer import KV, run_stack
 from lerobot_ki.variants import BACKBONE_VARIANTS, EXPERT_VARIANTS, VISION_VARIANTS
+from lerobot_ki.vocabulary import VocabLayout, layout_with_placement, vocab_layout
+
+PLACEMENT_KEY = "fast_token_placement"  # (fast_offset, fast_sign) of the VocabLayout the weights use
 
 
-class KIModel(PI05Pytorch):
-    """Reuses pi05's prefix/suffix embedding, noise/time sampling and checkpoint helpers."""
+class KIModel(nn.Module):
+    """Backbone + expert (pi05's module tree), the two losses, the flow sampler and token decoding."""
 
-    def __init__(self, config: KIConfig, vocab_size: int, rtc_processor=None):
-        nn.Module.__init__(self)  # pi05's constructor builds fixed sizes; we build ours below
+    def __init__(self, config: KIConfig):
+        super().__init__()
         self.config = config
-        self.rtc_processor = rtc_processor
+        layout = vocab_layout(config.text_tokenizer, config.fast_vocab_size)
+        vocab_size = layout.vocab_size
         expert = EXPERT_VARIANTS[config.action_expert_variant]
         backbone = BACKBONE_VARIANTS[config.paligemma_variant]
         self.paligemma_with_expert = KIPaliGemmaWithExpert(
@@ -53,11 +62,54 @@ class KIModel(PI05Pytorch):
         self.time_mlp_out = nn.Linear(expert.width, expert.width)
         if config.state_mode == "continuous":
             self.state_proj = nn.Linear(config.max_state_dim, backbone.width)
+        # Where FAST ids sit in the vocabulary, saved with the weights they were trained with: checkpoints
+        # from before FAST moved below PaliGemma's <loc> tokens reload with their own placement.
+        self.register_buffer(PLACEMENT_KEY, torch.tensor(layout.placement, dtype=torch.long))
         self.gradient_checkpointing_enabled = False
         self._compiled_velocity: Callable[..., Tensor] | None = None  # config.compile_expert, built lazily
 
+    @property
+    def layout(self) -> VocabLayout:
+        """The vocabulary layout: the config's, with the FAST placement these weights were trained with."""
+        offset, sign = self.fast_token_placement.tolist()
+        layout = vocab_layout(self.config.text_tokenizer, self.config.fast_vocab_size)
+        return layout_with_placement(layout, (offset, sign))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + PLACEMENT_KEY not in state_dict:  # written before the placement was recorded
+            legacy = vocab_layout(self.config.text_tokenizer, self.config.fast_vocab_size, legacy=True)
+            state_dict[prefix + PLACEMENT_KEY] = torch.tensor(legacy.placement, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute activations in the backward pass: our layer loop reads the flag, and the towers get
+        the flags pi05 sets on them."""
+        self.gradient_checkpointing_enabled = True
+        towers = self.paligemma_with_expert
+        for module in (towers.language_model, towers.paligemma.model.vision_tower, towers.expert_model):
+            module.gradient_checkpointing = True
+
+    def _apply_checkpoint(self, func, *args):
+        if self.gradient_checkpointing_enabled and self.training:
+            return checkpoint(func, *args, use_reentrant=False, preserve_rng_state=False)
+        return func(*args)
+
+    def sample_noise(self, shape, device) -> Tensor:
+        return sample_noise(shape, device)
+
+    def sample_time(self, bsize: int, device) -> Tensor:
+        cfg = self.config
+        return sample_time_beta(
+            bsize,
+            device,
+            alpha=cfg.time_sampling_beta_alpha,
+            beta=cfg.time_sampling_beta_beta,
+            scale=cfg.time_sampling_scale,
+            offset=cfg.time_sampling_offset,
+        )
+
     # --- the prefix: images + prompt (+ a continuous state token) ------------------------------------
-    def embed_prefix(
+    def embed_images_and_prompt(
         self, images: list[Tensor], img_masks: list[Tensor], tokens: Tensor, masks: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """pi05's prefix embedding (SigLIP tokens per camera, then the prompt), minus its attention
@@ -79,17 +131,14 @@ class KIModel(PI05Pytorch):
                 return self.paligemma_with_expert.embed_image(img)
         return self.paligemma_with_expert.embed_image(img)
 
-    def embed_prefix_with_state(
-        self,
-        images: list[Tensor],
-        img_masks: list[Tensor],
-        tokens: Tensor,
-        masks: Tensor,
-        state: Tensor | None,
-    ) -> tuple[Tensor, Tensor]:
-        """Embeddings (B, Lp, D) and validity mask (B, Lp); all prefix tokens are bidirectional."""
-        embs, pad, _ = self.embed_prefix(images, img_masks, tokens, masks)
-        if self.config.state_mode == "continuous":
+    def embed_prefix(self, inputs: ModelInputs) -> tuple[Tensor, Tensor]:
+        """Embeddings (B, Lp, D) and validity mask (B, Lp); all prefix tokens are bidirectional. A
+        continuous state (B, S) becomes one more token; a (B, 0) state (text mode, VLM examples) none."""
+        embs, pad, _ = self.embed_images_and_prompt(
+            inputs.images, inputs.image_masks, inputs.prompt_ids, inputs.prompt_mask
+        )
+        state = inputs.state
+        if state.shape[-1] > 0:
             state_emb = self.state_proj(state.to(self.state_proj.weight.dtype))[:, None]  # (B, 1, D)
             embs = torch.cat([embs, state_emb.to(embs.dtype)], dim=1)
             pad = torch.cat([pad, torch.ones_like(pad[:, :1])], dim=1)
@@ -170,13 +219,13 @@ class KIModel(PI05Pytorch):
     # --- training -----------------------------------------------------------------------------------
     def forward(
         self,
-        prefix_embs: Tensor,  # (B, Lp, D)
-        prefix_pad: Tensor,  # (B, Lp) bool
+        inputs: ModelInputs,
         fast_ids: Tensor,  # (B, Lf) LM ids of FAST tokens + EOS, right-padded
         fast_mask: Tensor,  # (B, Lf) bool
         actions: Tensor,  # (B, T, max_action_dim) normalized, zero-padded dims
         flow_mask: Tensor,  # (B, T, max_action_dim) bool: real steps x real dims
     ) -> dict[str, Tensor]:
+        prefix_embs, prefix_pad = self.embed_prefix(inputs)
         bsz, n_prefix = prefix_pad.shape
         _, kv, loss_fast, fast_acc = self.next_token_ce(prefix_embs, prefix_pad, fast_ids, fast_mask)
 
@@ -194,6 +243,13 @@ class KIModel(PI05Pytorch):
             loss_flow = loss_flow + ((v_t - u_t) ** 2 * flow_mask).sum() / n_flow
         loss_flow = loss_flow / self.config.flow_samples_per_backbone_pass
         return {"loss_fast_ce": loss_fast, "loss_flow": loss_flow, "fast_token_acc": fast_acc}
+
+    def text_loss(self, inputs: ModelInputs, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Next-token CE (and token accuracy) of the backbone on target text `ids` (B, L) after the
+        prefix: no expert, no flow (VLM examples)."""
+        prefix_embs, prefix_pad = self.embed_prefix(inputs)
+        _, _, loss, acc = self.next_token_ce(prefix_embs, prefix_pad, ids, mask)
+        return loss, acc
 
     def next_token_ce(
         self,
@@ -231,46 +287,38 @@ class KIModel(PI05Pytorch):
         acc = (logits.argmax(-1) == targets).sum() / n_tokens
         return hidden, kv, loss, acc
 
-    # --- inference ----------------------------------------------------------------------------------
+    # --- inference ---------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_actions(
         self,
-        prefix_embs: Tensor,
-        prefix_pad: Tensor,
-        noise: Tensor | None = None,
-        num_steps: int | None = None,
+        inputs: ModelInputs,
+        noise: Tensor,  # (B, T, A)
+        num_steps: int,
+        rtc_processor: RTCProcessor | None = None,
+        rtc_enabled: bool = False,
         **rtc_kwargs,
     ) -> Tensor:
-        """Prefill the backbone once, then `num_steps` Euler steps of the expert only. (B, T, A)."""
-        bsz = prefix_embs.shape[0]
-        if noise is None:
-            shape = (bsz, self.config.chunk_size, self.config.max_action_dim)
-            noise = self.sample_noise(shape, prefix_embs.device)
+        """Observation -> chunk (B, T, A): prefill the backbone once, then `num_steps` Euler steps of the
+        expert only. With no RTC processor there is no host sync: the unit a CUDA graph records."""
+        prefix_embs, prefix_pad = self.embed_prefix(inputs)
         _, prefix_kv = self.prefill(prefix_embs, prefix_pad)
-        num_steps = num_steps or self.config.num_inference_steps
         expert = self._inference_velocity()
 
         def velocity(x_t: Tensor, time: Tensor) -> Tensor:
             return expert(prefix_kv, prefix_pad, x_t, time)
 
-        if self.rtc_guided():  # LeRobot's loop owns the RTC guidance and its debug tracking
+        if rtc_processor is not None:  # LeRobot's loop owns the RTC guidance and its debug tracking
             return euler_integrate(
                 velocity,
                 noise,
                 num_steps,
-                rtc_processor=self.rtc_processor,
-                rtc_enabled=self._rtc_enabled(),
+                rtc_processor=rtc_processor,
+                rtc_enabled=rtc_enabled,
                 inference_delay=rtc_kwargs.get("inference_delay"),
                 prev_chunk_left_over=rtc_kwargs.get("prev_chunk_left_over"),
                 execution_horizon=rtc_kwargs.get("execution_horizon"),
             )
         return euler_steps(velocity, noise, num_steps)
-
-    def rtc_guided(self) -> bool:
-        """RTC guidance or its debug tracking is on: sampling goes through LeRobot's `euler_integrate`
-        (autograd per step), which a CUDA graph cannot record."""
-        rtc = self.rtc_processor
-        return self._rtc_enabled() or (rtc is not None and rtc.is_debug_enabled())
 
     def _inference_velocity(self) -> Callable[..., Tensor]:
         if not self.config.compile_expert:
@@ -280,20 +328,9 @@ class KIModel(PI05Pytorch):
         return self._compiled_velocity
 
     @torch.no_grad()
-    def sample_from_inputs(self, *inputs: Tensor, n_cameras: int, num_steps: int, **rtc_kwargs) -> Tensor:
-        """Observation -> chunk in one call, with no host sync unless RTC guides it: the unit a CUDA graph
-        records. `inputs` = n_cameras images (B, 3, H, W) in [-1, 1], n_cameras masks (B,), prompt ids and
-        mask (B, L), state (B, S) or an empty tensor, noise (B, T, A)."""
-        images, img_masks = list(inputs[:n_cameras]), list(inputs[n_cameras : 2 * n_cameras])
-        tokens, masks, state, noise = inputs[2 * n_cameras :]
-        embs, pad = self.embed_prefix_with_state(images, img_masks, tokens, masks, state)
-        return self.sample_actions(embs, pad, noise=noise, num_steps=num_steps, **rtc_kwargs)
-
-    @torch.no_grad()
     def generate(
         self,
-        prefix_embs: Tensor,
-        prefix_pad: Tensor,
+        inputs: ModelInputs,
         max_new_tokens: int,
         eos_id: int,
         allowed: tuple[int, int] | None = None,
@@ -303,6 +340,7 @@ class KIModel(PI05Pytorch):
         with `eos_id` after a sequence ended. `allowed` = [lo, hi) restricts decoding to that id range
         (plus EOS), which is how FAST decoding keeps to FAST tokens. `pick` maps logits (B, V) to the
         next ids (B,) (sampling, see `text_generation.py`); greedy (argmax) by default."""
+        prefix_embs, prefix_pad = self.embed_prefix(inputs)
         bsz, n_prefix = prefix_pad.shape
         hidden, cache = self.prefill(prefix_embs, prefix_pad)
         last = n_prefix - 1 - prefix_pad.flip(-1).int().argmax(-1)
