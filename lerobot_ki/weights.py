@@ -67,7 +67,10 @@ WHY_PI0_STATE_PROJ = (
 WHY_SIGLIP_HEAD = "SigLIP's attention-pooling head: PaliGemma feeds every patch token, the head is unused"
 WHY_FAST_STATE = "the FAST tokenizer is fitted on the fine-tuning dataset (the checkpoint has none)"
 FAST_PLACEMENT = "model." + PLACEMENT_KEY
-WHY_FAST_PLACEMENT = "FAST ids take this version's place in the vocabulary (below PaliGemma's <loc> tokens)"
+WHY_FAST_PLACEMENT = (
+    "FAST ids take this version's place in the vocabulary (below PaliGemma's <loc> tokens; after the "
+    "byte tokenizer's ids)"
+)
 VLM_STATE = STATE_KEY
 WHY_VLM_STATE = "VLM co-training counters start at zero"
 WHY_STATE_PROJ = "ki_vla's continuous state token (state_mode=continuous): pi05 writes the state as text"
