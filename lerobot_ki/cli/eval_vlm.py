@@ -50,9 +50,11 @@ def _policy_from_paligemma(path: Path, device: str):
     """A ki_vla around a PaliGemma checkpoint: the variant and resolution are read from its config, the
     backbone loaded through `--policy.paligemma_pretrained_path`, as lerobot-train would."""
     from lerobot.configs import FeatureType, PolicyFeature
+    from tokenizers import Tokenizer
 
     from lerobot_ki.configuration_ki import BYTE_TOKENIZER, KIConfig
     from lerobot_ki.modeling_ki import KIPolicy
+    from lerobot_ki.text_tokenizer import build_byte_tokenizer
     from lerobot_ki.variants import BACKBONE_VARIANTS
 
     cfg = json.loads((path / "config.json").read_text())
@@ -71,8 +73,12 @@ def _policy_from_paligemma(path: Path, device: str):
             f"{text['num_hidden_layers']}."
         )
     side = int(vision["image_size"])
-    pretraining = path / "vlm_pretraining.json"
-    byte = pretraining.is_file() or text["vocab_size"] <= 300  # our byte-tokenizer backbones
+    # The folder's tokenizer decides the vocabulary layout: ours (lerobot-ki-pretrain-vlm) carry the
+    # byte tokenizer, the real PaliGemma its own.
+    saved = path / "tokenizer.json"
+    byte = (
+        saved.is_file() and Tokenizer.from_file(str(saved)).get_vocab() == build_byte_tokenizer().get_vocab()
+    )
     config = KIConfig(
         paligemma_variant=variant,
         action_expert_variant="tiny" if variant == "tiny" else "gemma_300m",
