@@ -107,13 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--reference",
         default=None,
-        help="VQA folder for the blind rate (default: the corpus' train/ beside the first --data)",
+        help="VQA folder for the blind rate; none: the corpus' train/ beside the first --data",
     )
     p.add_argument("--limit", type=int, default=None, help="only the first N questions of each folder")
     p.add_argument("--batch_size", type=int, default=128, help="questions answered at once")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return p.parse_args(argv)
 
 

@@ -191,7 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers", type=int, default=2, help="rendering processes (output does not depend on it)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --output_dir")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return p.parse_args(argv)
 
 

@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -136,8 +137,6 @@ def pretrain(args: argparse.Namespace) -> dict:
     for stale in ("paligemma", "train_log.jsonl", "report.json", "accuracy.md", "curves.png"):
         target = out / stale
         if target.is_dir():
-            import shutil
-
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
@@ -145,10 +144,11 @@ def pretrain(args: argparse.Namespace) -> dict:
     policy = build_policy(args.variant, resolution, args.seed)
     model, cfg = policy.model, policy.config
     tokenizer = load_text_tokenizer(cfg.text_tokenizer, cfg.fast_vocab_size)
-    backbone = policy.model.paligemma_with_expert.paligemma
+    backbone = model.paligemma_with_expert.paligemma
+    # Only the backbone learns (the expert and projections get no loss here); nothing else is saved.
     for p in policy.parameters():
         p.requires_grad_(False)
-    params = [p for p in backbone.parameters()]
+    params = list(backbone.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
@@ -318,7 +318,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs in --output_dir")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return p.parse_args(argv)
 
 
