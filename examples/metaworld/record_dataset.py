@@ -149,10 +149,18 @@ def build_features(env_cfg: Any, use_videos: bool = True) -> dict[str, dict]:
     return features
 
 
-def _make_lerobot_env(backend: dict[str, Any], task: str) -> tuple[Any, Any, Any]:
-    """Build the env exactly as lerobot-eval does (n_envs=1) and return (config, vec_env, env)."""
+def _make_lerobot_env(
+    backend: dict[str, Any], task: str, render_size: int | None = None
+) -> tuple[Any, Any, Any]:
+    """Build the env exactly as lerobot-eval does (n_envs=1) and return (config, vec_env, env). With
+    `render_size`, the same env renders small, without shadows (lerobot_ki/metaworld_render.py)."""
     env_cfg = backend["config_cls"](task=task)
-    envs = backend["make_env"](env_cfg, n_envs=1, use_async_envs=False)
+    if render_size is None:
+        envs = backend["make_env"](env_cfg, n_envs=1, use_async_envs=False)
+    else:
+        from lerobot_ki.metaworld_render import make_cheap_metaworld_envs
+
+        envs = make_cheap_metaworld_envs(task, n_envs=1, size=render_size)
     vec_env = envs[task][0]
     env = vec_env.envs[0]  # lerobot.envs.metaworld.MetaworldEnv (SyncVectorEnv adds no wrapper)
     original_format = env._format_raw_obs
@@ -209,6 +217,7 @@ def record(
     max_attempts_factor: float = 1.0,
     image_writer_threads: int = 4,
     show_progress: bool = True,
+    render_size: int | None = None,
 ) -> dict[str, Any]:
     """Roll out Meta-World scripted experts through LeRobot's env and write a LeRobot v3 dataset.
 
@@ -222,6 +231,8 @@ def record(
         fps: dataset fps; default = LeRobot's Meta-World env fps (80 = 1 / (frame_skip 5 * 2.5 ms)).
         keep_failed: also keep episodes in which the expert did not succeed.
         use_videos: store frames as MP4 (AV1) videos (default) or as PNG images.
+        render_size: render `render_size` px frames without shadows (lerobot_ki/metaworld_render.py,
+            ~25x cheaper on CPU) instead of LeRobot's 480 px; policies must be evaluated the same way.
 
     Returns:
         Summary dict with per-task statistics, dataset features, root and repo_id.
@@ -257,7 +268,7 @@ def record(
         )
 
     # Fail fast (before anything is written) if offscreen rendering does not work.
-    _, probe_vec_env, probe_env = _make_lerobot_env(backend, task_list[0])
+    _, probe_vec_env, probe_env = _make_lerobot_env(backend, task_list[0], render_size)
     try:
         _reset_checked(probe_env, seed)
     finally:
@@ -265,6 +276,10 @@ def record(
 
     env_cfg0 = backend["config_cls"](task=task_list[0])
     features = build_features(env_cfg0, use_videos=use_videos)
+    if render_size is not None:
+        for feature in features.values():
+            if feature["dtype"] in ("video", "image"):
+                feature["shape"] = (render_size, render_size, 3)
     dataset_fps = int(fps if fps is not None else env_cfg0.fps)
     dataset = LeRobotDataset.create(
         repo_id=repo_id,
@@ -282,7 +297,7 @@ def record(
     try:
         for task in task_list:
             t0 = time.perf_counter()
-            _, vec_env, env = _make_lerobot_env(backend, task)
+            _, vec_env, env = _make_lerobot_env(backend, task, render_size)
             description = env.task_description
             # Meta-World raises if stepped past max_path_length (500), which is also lerobot-eval's cap.
             step_cap = min(int(max_steps or env._max_episode_steps), int(env._max_episode_steps))
@@ -404,6 +419,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-writer-threads", type=int, default=4)
     p.add_argument("--summary-json", default=None, help="also write the summary dict to this file")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--render-size",
+        type=int,
+        default=None,
+        help="render N px frames without shadows (~25x cheaper on CPU; evaluate the same way); "
+        "default: LeRobot's 480 px",
+    )
     return p.parse_args(argv)
 
 
@@ -425,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             max_attempts_factor=args.max_attempts_factor,
             image_writer_threads=args.image_writer_threads,
             show_progress=not args.no_progress,
+            render_size=args.render_size,
         )
     except (SimulatorUnavailableError, RenderingUnavailableError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,130 @@
+"""Measures of one trained checkpoint: Meta-World success and held-out demonstration error.
+
+Success runs LeRobot's own evaluation loop (`lerobot_eval.eval_policy_all`: the same seeding, processors,
+action queue, termination on success and 500-step cap as `lerobot-eval`) over LeRobot's Meta-World env
+built through `create_metaworld_envs`; only the rendering differs (`lerobot_ki/metaworld_render.py`:
+frames at the policy's resolution, no shadows), matching the demonstrations' recording.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def load_policy(checkpoint: Path, device: str):
+    """(policy, preprocessor, postprocessor) of a saved LeRobot policy of any type."""
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+
+    cfg = PreTrainedConfig.from_pretrained(checkpoint)
+    cfg.device = device
+    policy = get_policy_class(cfg.type).from_pretrained(checkpoint, config=cfg)
+    policy.to(device).eval()
+    pre, post = make_pre_post_processors(
+        cfg, pretrained_path=str(checkpoint), preprocessor_overrides={"device_processor": {"device": device}}
+    )
+    return policy, pre, post
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate (sensible at 0/n and n/n, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def success_rates(
+    checkpoint: Path,
+    tasks: list[str],
+    n_episodes: int,
+    render_size: int,
+    start_seed: int = 1000,
+    device: str = "cpu",
+    videos_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Per-task and overall success of `n_episodes` episodes per task, seeds start_seed.. (as lerobot-eval
+    --seed=start_seed), with per-episode outcomes."""
+    from lerobot.envs.configs import MetaworldEnv
+    from lerobot.envs.factory import make_env_pre_post_processors
+    from lerobot.scripts.lerobot_eval import eval_policy_all
+    from lerobot.utils.random_utils import set_seed
+
+    from lerobot_ki.metaworld_render import make_cheap_metaworld_envs
+
+    policy, pre, post = load_policy(checkpoint, device)
+    env_cfg = MetaworldEnv(task=",".join(tasks))
+    env_pre, env_post = make_env_pre_post_processors(env_cfg=env_cfg, policy_cfg=policy.config)
+    envs = make_cheap_metaworld_envs(",".join(tasks), n_envs=1, size=render_size)
+    set_seed(start_seed)
+    try:
+        with torch.no_grad():
+            info = eval_policy_all(
+                envs=envs,
+                policy=policy,
+                env_preprocessor=env_pre,
+                env_postprocessor=env_post,
+                preprocessor=pre,
+                postprocessor=post,
+                n_episodes=n_episodes,
+                max_episodes_rendered=1 if videos_dir else 0,
+                videos_dir=videos_dir,
+                start_seed=start_seed,
+            )
+    finally:
+        for group in envs.values():
+            for vec in group.values():
+                vec.close()
+    per_task = {}
+    for entry in info["per_task"]:
+        successes = [bool(s) for s in entry["metrics"]["successes"]]
+        k, n = sum(successes), len(successes)
+        per_task[entry["task_group"]] = {
+            "successes": successes,
+            "rate": k / n,
+            "ci95": wilson_interval(k, n),
+        }
+    all_outcomes = [s for t in per_task.values() for s in t["successes"]]
+    k, n = sum(all_outcomes), len(all_outcomes)
+    return {"per_task": per_task, "rate": k / n, "n": n, "ci95": wilson_interval(k, n)}
+
+
+def heldout_chunk_mse(
+    checkpoint: Path,
+    dataset_root: Path,
+    repo_id: str,
+    n_frames: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+) -> float:
+    """Mean squared error (in the dataset's action units, padding excluded) between the action chunks the
+    policy predicts and the expert's, on `n_frames` frames of held-out demonstrations (the same frames and
+    sampling noise for every checkpoint)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.utils.constants import ACTION
+
+    policy, pre, post = load_policy(checkpoint, device)
+    chunk = policy.config.chunk_size
+    meta_fps = LeRobotDataset(repo_id, root=dataset_root).fps
+    ds = LeRobotDataset(
+        repo_id, root=dataset_root, delta_timestamps={ACTION: [i / meta_fps for i in range(chunk)]}
+    )
+    idx = np.random.default_rng(seed).choice(len(ds), size=min(n_frames, len(ds)), replace=False)
+    items = [ds[int(i)] for i in sorted(idx)]
+    target = torch.stack([it[ACTION] for it in items])  # (B, chunk, D)
+    pad = torch.stack([it["action_is_pad"] for it in items])  # (B, chunk)
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k.startswith("observation.")}
+    batch["task"] = [it["task"] for it in items]
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        pred = post(policy.predict_action_chunk(pre(batch)))  # (B, chunk, D) in dataset units
+    err = (pred.cpu()[..., : target.shape[-1]] - target) ** 2
+    return float(err[~pad].mean())

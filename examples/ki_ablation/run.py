@@ -1,0 +1,289 @@
+"""Does knowledge insulation help? The paper's ablations, fine-tuned from our pretrained tiny VLM.
+
+    python examples/ki_ablation/run.py                       # every arm, 3 seeds, CPU default
+    python examples/ki_ablation/run.py --arms ki,joint --seeds 0 --steps 200     # a slice
+    python examples/ki_ablation/run.py --jobs 2              # two worker processes (1 thread each)
+
+Stages (each skipped when its output exists, so an interrupted experiment continues where it stopped):
+1. data: scripted-expert demonstrations of --tasks (train seeds 0.., held-out seeds 500..; evaluation
+   uses seeds 1000.., as lerobot-eval), rendered at the policy's resolution without shadows
+   (lerobot_ki/metaworld_render.py); one FAST tokenizer fitted on the train demonstrations.
+2. the pretrained VLM's held-out VQA accuracy (the "before" of knowledge retention).
+3. one run per (arm, seed) under runs/<arm>/seed<k>/: lerobot-train, then held-out chunk MSE at each
+   saved checkpoint (training speed), Meta-World success with 95% intervals, VQA accuracy after fine-tuning
+   and how far the backbone's weights moved. Its result.json marks it done.
+4. the report: results.json (every run), table.md (mean +- sd over seeds), retention.png, curves.png.
+
+Arms: examples/ki_ablation/arms.py. `--preset real --train-arg=--policy.paligemma_pretrained_path=...`
+runs the same arms at full size on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Headless offscreen rendering for the evaluation in this process; must be set before mujoco is imported.
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "examples" / "metaworld"))
+
+from arms import ARMS, KI_ARMS, Arm, parse_arms  # noqa: E402
+from main_job import NORMALIZATION, PRESETS, parse_train_log  # noqa: E402
+
+DEFAULT_VLM = REPO / "benchmarks" / "results" / "vlm_tiny_2026-11-26" / "paligemma"
+DEFAULT_TASKS = "button-press-topdown-v3,drawer-open-v3"
+REPO_ID = "local/ki_ablation"
+HELDOUT_SEED = 500  # held-out demonstrations; training demos use 0.., evaluation 1000..
+EVAL_SEED = 1000
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = p.add_argument
+    a("--arms", default=",".join(ARMS), help=f"comma list of arms (default: all: {','.join(ARMS)})")
+    a("--seeds", default="0,1,2", help="training seeds (comma list; default: %(default)s)")
+    a("--tasks", default=DEFAULT_TASKS, help="Meta-World tasks (default: %(default)s)")
+    a("--demos-per-task", type=int, default=10, help="expert demonstrations per task (default: %(default)s)")
+    a("--heldout-demos-per-task", type=int, default=3, help="for chunk MSE (default: %(default)s)")
+    a("--steps", type=int, default=800, help="training steps per run (default: %(default)s)")
+    a("--checkpoints", type=int, default=4, help="evenly spaced checkpoints for curves (default: %(default)s)")
+    a("--batch-size", type=int, default=16, help="default: %(default)s")
+    a("--chunk-size", type=int, default=20, help="default: %(default)s")
+    a("--n-action-steps", type=int, default=5, help="default: %(default)s")
+    a("--eval-episodes", type=int, default=10, help="success episodes per task (default: %(default)s)")
+    a("--render-size", type=int, default=96, help="rendered frame side, = policy resolution (default: %(default)s)")
+    a("--vlm", type=Path, default=DEFAULT_VLM, help="pretrained VLM (PaliGemma layout; default: the committed one)")
+    a("--corpus", type=Path, default=Path("data/mw_vqa"), help="VQA corpus of lerobot-ki-make-vlm-corpus "
+      "(train/ for co-training, heldout_scenes/ + heldout_tasks/ for retention; default: %(default)s)")
+    a("--vqa-limit", type=int, default=300, help="questions per held-out VQA split (default: %(default)s)")
+    a("--preset", choices=sorted(PRESETS), default="tiny", help="default: %(default)s")
+    a("--train-arg", action="append", default=[], help="extra lerobot-train flag for ki_vla arms (repeatable)")
+    a("--device", default="cpu", help="default: %(default)s")
+    a("--output-dir", type=Path, default=Path("outputs/ki_ablation"), help="default: %(default)s")
+    a("--jobs", type=int, default=1, help="worker processes for the runs (default: %(default)s)")
+    a("--shard", default="0/1", help="k/n: do only every n-th run starting at k (set by --jobs)")
+    a("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    return p.parse_args(argv)
+
+
+def _env(threads: int | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("MUJOCO_GL", "egl")
+    env.setdefault("PYOPENGL_PLATFORM", "egl")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _bin(name: str) -> str:
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """A stage as a subprocess logging to `log`; a failure shows the log's tail."""
+    print("$ " + " ".join(cmd), flush=True)
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def prepare_data(args: argparse.Namespace, out: Path) -> None:
+    for split, seed, n in (("train", 0, args.demos_per_task), ("heldout", HELDOUT_SEED, args.heldout_demos_per_task)):
+        root = out / "data" / split
+        summary = out / "data" / f"{split}_summary.json"
+        if summary.exists():
+            continue
+        shutil.rmtree(root, ignore_errors=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        run(
+            [sys.executable, str(REPO / "examples" / "metaworld" / "record_dataset.py"), "--tasks", args.tasks,
+             "--episodes-per-task", str(n), "--root", str(root), "--repo-id", f"{REPO_ID}_{split}",
+             "--seed", str(seed), "--render-size", str(args.render_size), "--max-attempts-factor", "2",
+             "--summary-json", str(summary), "--no-progress"],
+            out / "data" / f"record_{split}.log",
+        )  # fmt: skip
+    fast_dir = out / "fast_tokenizer"
+    if not (fast_dir / "tokenizer.json").exists():
+        run(
+            [_bin("lerobot-ki-fit-fast"), f"--dataset.repo_id={REPO_ID}_train", f"--dataset.root={out / 'data' / 'train'}",
+             f"--chunk_size={args.chunk_size}", "--vocab_size=1024", "--normalization=MIN_MAX",
+             f"--output_dir={fast_dir}"],
+            out / "data" / "fit_fast.log",
+        )  # fmt: skip
+
+
+def vqa_accuracy(checkpoint: Path, args: argparse.Namespace, json_path: Path) -> dict[str, float]:
+    """Held-out VQA accuracy per split (all question types) of a checkpoint's backbone."""
+    from lerobot_ki.vlm_accuracy import ALL
+
+    if not json_path.exists():
+        splits = ",".join(str(args.corpus / s) for s in ("heldout_scenes", "heldout_tasks"))
+        run(
+            [_bin("lerobot-ki-eval-vlm"), "--checkpoint", str(checkpoint), "--data", splits,
+             "--reference", str(args.corpus / "train"), "--limit", str(args.vqa_limit),
+             "--json", str(json_path), "--no-progress"],
+            json_path.with_suffix(".log"),
+        )  # fmt: skip
+    scores = json.loads(json_path.read_text())["scores"]
+    return {Path(folder).name: s["scores"][ALL]["accuracy"] for folder, s in scores.items()}
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def train_command(arm: Arm, seed: int, args: argparse.Namespace, out: Path, train_dir: Path) -> list[str]:
+    data = out / "data" / "train"
+    save_freq = max(1, args.steps // args.checkpoints)
+    common = [
+        f"--dataset.repo_id={REPO_ID}_train", f"--dataset.root={data}", f"--policy.device={args.device}",
+        "--policy.push_to_hub=false", f"--batch_size={args.batch_size}", f"--steps={args.steps}",
+        f"--save_freq={save_freq}", f"--log_freq={max(10, args.steps // 40)}", "--num_workers=1",
+        f"--seed={seed}", f"--output_dir={train_dir}", "--wandb.enable=false",
+    ]  # fmt: skip
+    if arm.policy_type == "act":
+        return [_bin("lerobot-train"), "--policy.type=act", *arm.flags, *common,
+                f"--policy.chunk_size={args.chunk_size}", f"--policy.n_action_steps={args.n_action_steps}"]  # fmt: skip
+    if arm.policy_type == "diffusion":
+        return [_bin("lerobot-train"), "--policy.type=diffusion", *arm.flags, *common]
+    cmd = [
+        _bin("lerobot-train"), "--policy.type=ki_vla", *PRESETS[args.preset], *arm.flags, *common,
+        f"--policy.normalization_mapping={NORMALIZATION}", f"--policy.chunk_size={args.chunk_size}",
+        f"--policy.n_action_steps={args.n_action_steps}", "--policy.max_state_dim=8", "--policy.max_action_dim=8",
+        # A short fine-tune: warm up over the first tenth, decay over the run (LeRobot's cosine schedule).
+        f"--policy.scheduler_warmup_steps={max(1, args.steps // 10)}", f"--policy.scheduler_decay_steps={args.steps}",
+    ]  # fmt: skip
+    if arm.pretrained_backbone:
+        cmd.append(f"--policy.paligemma_pretrained_path={args.vlm}")
+    if arm.cotrain:
+        cmd.append(f"--policy.vlm_dataset={args.corpus / 'train'}")
+    if arm.naive_tokens:
+        # one token per action dimension and chunk step, plus EOS (Meta-World actions have 4 dims)
+        cmd += ["--policy.action_tokenizer=naive", f"--policy.max_fast_tokens={args.chunk_size * 4 + 1}"]
+    else:
+        cmd.append(f"--policy.fast_tokenizer_path={out / 'fast_tokenizer'}")
+    return cmd + list(args.train_arg)
+
+
+def backbone_shift(checkpoint: Path, vlm: Path) -> float:
+    """||theta - theta_0|| / ||theta_0|| over the backbone's vision tower and language-model layers (token
+    embeddings and LM head excluded: their FAST rows start random): how far fine-tuning moved the VLM."""
+    from lerobot_ki.modeling_ki import KIPolicy
+
+    trained = KIPolicy.from_pretrained(checkpoint)
+    cfg = trained.config
+    cfg.paligemma_pretrained_path = str(vlm)
+    start = KIPolicy(cfg)  # the same architecture with the pretrained VLM loaded, as at step 0
+    before = dict(start.model.paligemma_with_expert.paligemma.named_parameters())
+    num = den = 0.0
+    for name, p in trained.model.paligemma_with_expert.paligemma.named_parameters():
+        if "embed_tokens" in name or "lm_head" in name:
+            continue
+        num += float((p.detach() - before[name].detach()).pow(2).sum())
+        den += float(before[name].detach().pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
+    from evaluate import heldout_chunk_mse, success_rates
+
+    run_dir = out / "runs" / arm.name / f"seed{seed}"
+    result_file = run_dir / "result.json"
+    if result_file.exists():
+        print(f"[{arm.name} seed {seed}] done already: {result_file}", flush=True)
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_dir = run_dir / "train"
+    t0 = time.perf_counter()
+    if not (train_dir / "checkpoints" / "last").exists():
+        shutil.rmtree(train_dir, ignore_errors=True)
+        run(train_command(arm, seed, args, out, train_dir), run_dir / "train.log")
+    train_s = time.perf_counter() - t0
+    log_freq = max(10, args.steps // 40)
+    losses = parse_train_log((run_dir / "train.log").read_text(errors="replace"), log_freq) if arm.is_ki_vla else []
+    result: dict = {"arm": arm.name, "seed": seed, "description": arm.description, "train_s": train_s,
+                    "steps": args.steps, "losses": losses, "command": train_command(arm, seed, args, out, train_dir)}  # fmt: skip
+    ckpts = sorted(
+        (d for d in (train_dir / "checkpoints").iterdir() if d.name.isdigit()), key=lambda d: int(d.name)
+    )
+    final = ckpts[-1] / "pretrained_model"
+    t0 = time.perf_counter()
+    if arm.is_ki_vla:
+        heldout = out / "data" / "heldout"
+        result["mse_curve"] = [
+            {"step": int(c.name), "mse": heldout_chunk_mse(c / "pretrained_model", heldout, f"{REPO_ID}_heldout", device=args.device)}
+            for c in ckpts
+        ]  # fmt: skip
+        result["vqa"] = vqa_accuracy(final, args, run_dir / "vqa.json")
+        result["backbone_shift"] = backbone_shift(final, args.vlm) if arm.pretrained_backbone else None
+    result["success"] = success_rates(
+        final, [t for t in args.tasks.split(",") if t], args.eval_episodes, args.render_size,
+        start_seed=EVAL_SEED, device=args.device, videos_dir=run_dir / "videos" if seed == 0 else None,
+    )  # fmt: skip
+    result["eval_s"] = time.perf_counter() - t0
+    # Keep the final checkpoint only: intermediate ones were needed for the curve alone.
+    for c in ckpts[:-1]:
+        shutil.rmtree(c, ignore_errors=True)
+    result_file.write_text(json.dumps(result, indent=1))
+    s = result["success"]
+    print(f"[{arm.name} seed {seed}] success {s['rate']:.0%} of {s['n']}; vqa {result.get('vqa')}; "
+          f"train {train_s / 60:.1f} min, eval {result['eval_s'] / 60:.1f} min", flush=True)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.output_dir.resolve()
+    args.corpus = args.corpus.resolve()
+    args.vlm = args.vlm.resolve()
+    arms = parse_arms(args.arms)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not args.report_only:
+        if any(a.cotrain for a in arms) and not (args.corpus / "train").is_dir():
+            sys.exit(f"{args.corpus}/train not found: make the VQA corpus first (README, lerobot-ki-make-vlm-corpus "
+                     f"--output_dir {args.corpus}) or point --corpus at it.")  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_data(args, out)
+        if any(a.is_ki_vla for a in arms):
+            vqa_accuracy(args.vlm, args, out / "vqa_pretrained.json")
+        jobs = [(arm, seed) for seed in seeds for arm in arms]
+        if args.jobs > 1:
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--jobs", "1",
+                     "--shard", f"{k}/{args.jobs}"],
+                    env=_env(threads=max(1, (os.cpu_count() or 2) // args.jobs)),
+                )  # fmt: skip
+                for k in range(args.jobs)
+            ]
+            if any(p.wait() != 0 for p in procs):
+                sys.exit("a worker failed; rerun the same command to continue")
+        else:
+            k, n = (int(x) for x in args.shard.split("/"))
+            for arm, seed in jobs[k::n]:
+                run_one(arm, seed, args, out)
+            if n > 1:
+                return 0
+    from report import write_report
+
+    write_report(out, [a.name for a in arms], seeds, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

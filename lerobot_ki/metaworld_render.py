@@ -1,0 +1,56 @@
+"""Cheap rendering for LeRobot's Meta-World env: the same task, physics and success signal, drawn small.
+
+LeRobot's `MetaworldEnv` renders 480x480 frames with MuJoCo's default visual quality. On our 2-core CPUs
+(software EGL) nearly all of that cost is the 4096x4096 shadow map redrawn every frame, not the frame
+size: measured 2026-11-27, one reach-v3 step took 270-760 ms with shadows and 27 ms at 96 px with shadows
+and multisampling off, while physics alone took 1-2 ms. An experiment that evaluates many policies for
+hundreds of episodes cannot pay the former, so `cheap_rendering` renders at the policy's resolution with
+no cast shadows and no multisample anti-aliasing. Only the pixels change: the MuJoCo model's geometry,
+the env's seeding, reward, termination and `is_success` are LeRobot's own. Demonstrations recorded and
+policies evaluated must use the same rendering (images differ from the standard 480 px ones).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+
+def cheap_rendering(env: Any, size: int) -> Any:
+    """Makes a `lerobot.envs.metaworld.MetaworldEnv` render `size` x `size` frames without shadows or
+    multisampling. Returns the same env. Its observation space must already be `size` (build it with
+    observation_width/height = size, as `make_cheap_metaworld_envs` does)."""
+    space = env.observation_space["pixels"].shape
+    if space[:2] != (size, size):
+        raise ValueError(f"env observation space is {space}, not {size}x{size}: build it at that size")
+    env._ensure_env()  # LeRobot defers building the MuJoCo env until first use
+    inner = env._env
+    inner.model.light_castshadow[:] = 0
+    inner.model.vis.quality.offsamples = 0
+    # The renderer is created lazily at the first render with these sizes.
+    inner.mujoco_renderer.width = inner.mujoco_renderer.height = size
+    inner.width = inner.height = size
+    return env
+
+
+def _cheap_env(factory, size: int):
+    return cheap_rendering(factory(), size)
+
+
+def make_cheap_metaworld_envs(task: str, n_envs: int, size: int) -> dict[str, dict[int, Any]]:
+    """LeRobot's `create_metaworld_envs` (same nested {group: {task_id: vec_env}} as `make_env`, so it
+    feeds `lerobot_eval.eval_policy_all`), with every env rendered by `cheap_rendering`."""
+    import gymnasium as gym
+    from lerobot.envs.metaworld import create_metaworld_envs
+
+    gym_kwargs = {
+        "obs_type": "pixels_agent_pos",
+        "render_mode": "rgb_array",
+        "observation_width": size,
+        "observation_height": size,
+    }
+
+    def sync_vector_env(factories):
+        return gym.vector.SyncVectorEnv([partial(_cheap_env, f, size) for f in factories])
+
+    return create_metaworld_envs(task=task, n_envs=n_envs, gym_kwargs=gym_kwargs, env_cls=sync_vector_env)
