@@ -9,6 +9,7 @@ from lerobot.optim import AdamWConfig, CosineDecayWithWarmupSchedulerConfig
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 from lerobot.utils.constants import ACTION, OBS_STATE
 
+from lerobot_ki.naive_tokens import NAIVE_BINS, naive_budget_error
 from lerobot_ki.variants import BACKBONE_VARIANTS, EXPERT_VARIANTS
 
 PALIGEMMA_TOKENIZER = "google/paligemma-3b-pt-224"
@@ -75,6 +76,10 @@ class KIConfig(PreTrainedConfig):
     # tokenizer otherwise. A local directory or Hub id of a `tokenizer.json` also works.
     text_tokenizer: str | None = None
     tokenizer_max_length: int = 200
+    # "fast": DCT + BPE (fitted); "naive": 256 uniform bins per normalized action value, one token per
+    # value (RT-2/OpenVLA style, the paper's ablation; chunk_size * action dims + EOS must fit
+    # max_fast_tokens). Both use the FAST slots of the vocabulary and the same FAST step and decoding.
+    action_tokenizer: str = "fast"
     # None => fit FAST on the training dataset when training starts and save it with the checkpoint.
     fast_tokenizer_path: str | None = None
     fast_vocab_size: int = 1024
@@ -141,6 +146,19 @@ class KIConfig(PreTrainedConfig):
         _check_choice("state_mode", self.state_mode, ("text", "continuous"))
         _check_choice("inference_mode", self.inference_mode, ("flow", "fast"))
         _check_choice("fast_overflow", self.fast_overflow, ("error", "truncate"))
+        _check_choice("action_tokenizer", self.action_tokenizer, ("fast", "naive"))
+        if self.action_tokenizer == "naive":
+            if self.fast_tokenizer_path:
+                raise ValueError(
+                    "--policy.fast_tokenizer_path names a FAST tokenizer, but action_tokenizer=naive "
+                    "uses none: drop one of the two flags."
+                )
+            if self.fast_vocab_size < NAIVE_BINS:
+                raise ValueError(
+                    f"action_tokenizer=naive uses {NAIVE_BINS} token ids in the FAST slot of the vocabulary, "
+                    f"but fast_vocab_size={self.fast_vocab_size}: pass --policy.fast_vocab_size={NAIVE_BINS} "
+                    "(or larger)."
+                )
         if self.n_action_steps > self.chunk_size:
             raise ValueError(
                 f"n_action_steps ({self.n_action_steps}) cannot exceed chunk_size ({self.chunk_size}); "
@@ -195,6 +213,11 @@ class KIConfig(PreTrainedConfig):
                 f"The action has {action_dim} dims but max_action_dim is {self.max_action_dim}: "
                 f"pass --policy.max_action_dim={action_dim} (or larger)."
             )
+        if self.action_tokenizer == "naive":
+            # Checked here, when the policy is built, not when the first batch overflows the budget.
+            error = naive_budget_error(self.chunk_size, action_dim, self.max_fast_tokens)
+            if error:
+                raise ValueError(error)
 
     def get_optimizer_preset(self) -> AdamWConfig:
         return AdamWConfig(

@@ -50,18 +50,37 @@ class FASTDecodeError(ValueError):
     """Token ids that cannot be turned back into an action chunk (bad id, wrong length, bad value)."""
 
 
-def _to_float64(chunks: ArrayLike) -> np.ndarray:
+def to_float64(chunks: ArrayLike) -> np.ndarray:
     # torch tensors may live on GPU or be bfloat16 (no numpy equivalent): cast on the torch side first.
     if isinstance(chunks, torch.Tensor):
         return chunks.detach().to(device="cpu", dtype=torch.float64).numpy()
     return np.asarray(chunks, dtype=np.float64)
 
 
-def _check_finite(x: np.ndarray, what: str) -> None:
+def check_finite(x: np.ndarray, what: str) -> None:
     n_nan = int(np.isnan(x).sum())
     n_inf = int(np.isinf(x).sum())
     if n_nan or n_inf:
         raise ValueError(f"{what} contain non-finite values: {n_nan} NaN and {n_inf} Inf")
+
+
+def id_rows(token_ids: ArrayLike) -> list[list[int]]:
+    """Token id rows (ragged lists, or a 2-D array/tensor right-padded with -1) -> lists without padding."""
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.detach().cpu().numpy()
+    if isinstance(token_ids, np.ndarray):
+        if token_ids.ndim != 2 or not np.issubdtype(token_ids.dtype, np.integer):
+            raise ValueError(
+                f"token ids must be a 2-D integer array; got {token_ids.dtype} {token_ids.shape}"
+            )
+        token_ids = token_ids.tolist()
+    rows = []
+    for row in token_ids:
+        row = [int(k) for k in row]
+        while row and row[-1] == _PAD_ID:  # strip right padding; a -1 elsewhere is a bad id
+            row.pop()
+        rows.append(row)
+    return rows
 
 
 def _dct_quantize(x: np.ndarray, scale: float) -> np.ndarray:
@@ -72,6 +91,8 @@ def _dct_quantize(x: np.ndarray, scale: float) -> np.ndarray:
 
 class FASTTokenizer:
     """DCT + BPE action tokenizer. Build with :meth:`fit` or :meth:`from_pretrained`."""
+
+    kind = "fast"  # `--policy.action_tokenizer` value (the other is `naive_tokens.NaiveActionTokenizer`)
 
     def __init__(
         self,
@@ -115,12 +136,12 @@ class FASTTokenizer:
         show_progress: bool = False,
     ) -> FASTTokenizer:
         """Fit on normalized action chunks (N, T, D). Same data -> byte-identical saved files."""
-        x = _to_float64(chunks)  # (N, T, D)
+        x = to_float64(chunks)  # (N, T, D)
         if x.ndim != 3:
             raise ValueError(f"fit expects chunks of shape (N, T, D); got shape {x.shape}")
         if x.size == 0:
             raise ValueError(f"fit needs a non-empty dataset; got shape {x.shape}")
-        _check_finite(x, "fit chunks")
+        check_finite(x, "fit chunks")
         if not (np.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive finite number; got {scale}")
         n, t, d = x.shape
@@ -168,7 +189,7 @@ class FASTTokenizer:
 
     def encode(self, chunks: ArrayLike) -> list[list[int]]:
         """(B, T, D) or (T, D) chunks -> one list of token ids per chunk."""
-        x = _to_float64(chunks)
+        x = to_float64(chunks)
         if x.ndim == 2:
             x = x[None]  # (1, T, D)
         t, d = self.chunk_size, self.action_dim
@@ -177,7 +198,7 @@ class FASTTokenizer:
                 f"encode expects action chunks of shape (B, {t or 'T'}, {d or 'D'}) or "
                 f"({t or 'T'}, {d or 'D'}); got shape {tuple(x.shape)}"
             )
-        _check_finite(x, "encode chunks")
+        check_finite(x, "encode chunks")
         b = x.shape[0]
         q = _dct_quantize(x, self.scale).reshape(b, -1)  # (B, T*D)
         # Values never seen at fit time have no base token: clip and count rather than crash.
@@ -224,7 +245,7 @@ class FASTTokenizer:
         d = action_dim or self.action_dim
         if t is None or d is None:
             raise ValueError("chunk_size and action_dim are unknown: pass them to decode()")
-        rows = self._id_rows(token_ids)
+        rows = id_rows(token_ids)
         self.last_decode_failures = []
         coeffs = np.zeros((len(rows), t, d), dtype=np.float64)  # (B, T, D) quantized DCT
         good: list[int] = []
@@ -256,24 +277,6 @@ class FASTTokenizer:
         if strict:
             raise FASTDecodeError(f"cannot decode row {row}: {message}")
         self.last_decode_failures.append(row)
-
-    @staticmethod
-    def _id_rows(token_ids: ArrayLike) -> list[list[int]]:
-        if isinstance(token_ids, torch.Tensor):
-            token_ids = token_ids.detach().cpu().numpy()
-        if isinstance(token_ids, np.ndarray):
-            if token_ids.ndim != 2 or not np.issubdtype(token_ids.dtype, np.integer):
-                raise ValueError(
-                    f"token ids must be a 2-D integer array; got {token_ids.dtype} {token_ids.shape}"
-                )
-            token_ids = token_ids.tolist()
-        rows = []
-        for row in token_ids:
-            row = [int(k) for k in row]
-            while row and row[-1] == _PAD_ID:  # strip right padding; a -1 elsewhere is a bad id
-                row.pop()
-            rows.append(row)
-        return rows
 
     # ------------------------------------------------------------------ persistence
 
@@ -354,7 +357,7 @@ class FASTTokenizer:
 
     def stats(self, chunks: ArrayLike) -> dict[str, float | int]:
         """Compression and reconstruction statistics over (N, T, D) chunks, for logging."""
-        x = _to_float64(chunks)
+        x = to_float64(chunks)
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3 or x.shape[0] == 0:

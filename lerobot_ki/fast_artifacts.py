@@ -1,6 +1,8 @@
-"""Where the FAST tokenizer comes from and how it travels with a checkpoint.
+"""Where the action tokenizer (FAST, or naive bins with `--policy.action_tokenizer=naive`) comes from and
+how it travels with a checkpoint.
 
-- `resolve_fast_tokenizer`: a configured directory, else fitted on the training dataset's action chunks
+- `resolve_fast_tokenizer`: the one place that builds the action tokenizer for a config. Naive bins need
+  nothing; FAST comes from a configured directory, else is fitted on the training dataset's action chunks
   (normalized exactly as the processor normalizes them). The policy and the processor each resolve their
   own (the fit is deterministic: the same bytes); callers that have one hand it to both.
 - `fast_to_tensor` / `fast_from_tensor`: the tokenizer's saved files as one uint8 tensor, so it is part
@@ -22,13 +24,16 @@ from lerobot.processor import NormalizerProcessorStep
 from lerobot.utils.constants import ACTION
 
 from lerobot_ki.fast import FASTTokenizer
+from lerobot_ki.naive_tokens import NAIVE_CONFIG, NaiveActionTokenizer, naive_budget_error
+
+ActionTokenizer = FASTTokenizer | NaiveActionTokenizer  # what `config.action_tokenizer` selects
 
 logger = logging.getLogger(__name__)
 
 FAST_STATE_KEY = "fast_tokenizer_state"  # the policy buffer holding `fast_to_tensor`'s bytes
 
 
-def fast_to_tensor(tok: FASTTokenizer) -> torch.Tensor:
+def fast_to_tensor(tok: ActionTokenizer) -> torch.Tensor:
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
         files = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir())}
@@ -36,12 +41,19 @@ def fast_to_tensor(tok: FASTTokenizer) -> torch.Tensor:
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
 
 
-def fast_from_tensor(blob: torch.Tensor) -> FASTTokenizer:
+def fast_from_tensor(blob: torch.Tensor) -> ActionTokenizer:
     files = json.loads(bytes(blob.to(torch.uint8).cpu().numpy().tobytes()).decode("utf-8"))
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in files.items():
             (Path(tmp) / name).write_text(text, encoding="utf-8")
-        return FASTTokenizer.from_pretrained(tmp)
+        return load_action_tokenizer(tmp)
+
+
+def load_action_tokenizer(directory: str | Path) -> ActionTokenizer:
+    """A saved action tokenizer of either kind (the naive one writes `naive_tokens_config.json`)."""
+    if (Path(directory) / NAIVE_CONFIG).is_file():
+        return NaiveActionTokenizer.from_pretrained(directory)
+    return FASTTokenizer.from_pretrained(directory)
 
 
 def load_action_chunks(
@@ -90,11 +102,19 @@ def fit_fast_on_dataset(
     return tok, tok.stats(chunks)
 
 
-def resolve_fast_tokenizer(config: Any, dataset_stats: dict | None) -> FASTTokenizer | None:
-    """The FAST tokenizer for this run: `config.fast_tokenizer_path`, else fitted on the dataset LeRobot
-    is training on (`make_policy` sets `config._runtime_dataset_meta`), else None."""
+def resolve_fast_tokenizer(config: Any, dataset_stats: dict | None) -> ActionTokenizer | None:
+    """The action tokenizer for this run. `action_tokenizer=naive`: 256 bins per value (nothing to fit).
+    FAST: `config.fast_tokenizer_path`, else fitted on the dataset LeRobot is training on (`make_policy`
+    sets `config._runtime_dataset_meta`), else None."""
     tok = None
-    if config.fast_tokenizer_path:
+    if config.action_tokenizer == "naive":
+        tok = NaiveActionTokenizer(config.chunk_size, _action_dim(config))
+        if tok.action_dim is not None:
+            error = naive_budget_error(config.chunk_size, tok.action_dim, config.max_fast_tokens)
+            if error:
+                raise ValueError(error)
+        logger.info("Naive action tokens: %s, max_fast_tokens=%d", tok, config.max_fast_tokens)
+    elif config.fast_tokenizer_path:
         tok = FASTTokenizer.from_pretrained(config.fast_tokenizer_path)
         logger.info("FAST tokenizer loaded from %s: %s", config.fast_tokenizer_path, tok)
     else:
@@ -123,8 +143,13 @@ def resolve_fast_tokenizer(config: Any, dataset_stats: dict | None) -> FASTToken
     return tok
 
 
-def _check_shape(tok: FASTTokenizer, config: Any) -> None:
-    action_dim = config.output_features[ACTION].shape[0] if ACTION in config.output_features else None
+def _action_dim(config: Any) -> int | None:
+    """The dataset's action dim (before padding to max_action_dim), when the config knows it."""
+    return config.output_features[ACTION].shape[0] if ACTION in config.output_features else None
+
+
+def _check_shape(tok: ActionTokenizer, config: Any) -> None:
+    action_dim = _action_dim(config)
     if tok.chunk_size is not None and tok.chunk_size != config.chunk_size:
         raise ValueError(
             f"The FAST tokenizer was fitted on chunks of {tok.chunk_size} steps but chunk_size="

@@ -17,9 +17,10 @@ from torch import Tensor
 
 from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.cuda_graphs import GraphedSampler
-from lerobot_ki.fast import FASTDecodeError, FASTTokenizer
+from lerobot_ki.fast import FASTDecodeError
 from lerobot_ki.fast_artifacts import (
     FAST_STATE_KEY,
+    ActionTokenizer,
     fast_from_tensor,
     fast_to_tensor,
     resolve_fast_tokenizer,
@@ -50,7 +51,7 @@ class KIPolicy(PreTrainedPolicy):
         self,
         config: KIConfig,
         dataset_stats: dict | None = None,
-        fast_tokenizer: FASTTokenizer | None = None,
+        fast_tokenizer: ActionTokenizer | None = None,
         **kwargs,
     ):
         super().__init__(config)
@@ -61,7 +62,8 @@ class KIPolicy(PreTrainedPolicy):
         self._graphed: GraphedSampler | None = None  # on CUDA, built at the first flow inference
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        # The FAST tokenizer rides in model.safetensors; a checkpoint being loaded brings its own.
+        # The action tokenizer (FAST or naive bins) rides in model.safetensors; a checkpoint being loaded
+        # brings its own.
         fast = fast_tokenizer
         if fast is None and not kwargs.get("_weights_follow"):
             fast = resolve_fast_tokenizer(config, dataset_stats)
@@ -147,9 +149,16 @@ class KIPolicy(PreTrainedPolicy):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
-    def fast_tokenizer(self) -> FASTTokenizer | None:
+    def fast_tokenizer(self) -> ActionTokenizer | None:
+        """The action tokenizer: FAST, or naive bins with `action_tokenizer=naive`."""
         if self._fast is None and self.fast_tokenizer_state.numel() > 0:
             self._fast = fast_from_tensor(self.fast_tokenizer_state)
+        if self._fast is not None and self._fast.kind != self.config.action_tokenizer:
+            raise ValueError(
+                f"This checkpoint's action tokenizer is {self._fast.kind!r} but action_tokenizer="
+                f"{self.config.action_tokenizer!r}: drop --policy.action_tokenizer or pass "
+                f"--policy.action_tokenizer={self._fast.kind}."
+            )
         return self._fast
 
     def get_optim_params(self):

@@ -35,8 +35,12 @@ from lerobot.utils.constants import (
 )
 
 from lerobot_ki.configuration_ki import KIConfig
-from lerobot_ki.fast import FASTTokenizer
-from lerobot_ki.fast_artifacts import fast_from_tensor, fast_to_tensor, resolve_fast_tokenizer
+from lerobot_ki.fast_artifacts import (
+    ActionTokenizer,
+    fast_from_tensor,
+    fast_to_tensor,
+    resolve_fast_tokenizer,
+)
 from lerobot_ki.text_tokenizer import TextTokenizer, load_text_tokenizer
 from lerobot_ki.vocabulary import VocabLayout, fast_to_lm, vocab_layout
 
@@ -184,6 +188,9 @@ class KITextTokenizerStep(ProcessorStep):
 class KIFastTokenizerStep(ProcessorStep):
     """Normalized action chunks (B, T, A) -> FAST LM ids + EOS, right-padded to `max_fast_tokens`.
 
+    `fast_tokenizer` is whichever action tokenizer the config chose (FAST, or `NaiveActionTokenizer` with
+    `action_tokenizer=naive`): both give ids in [0, fast_vocab_size) that take the same vocabulary slots.
+
     Runs only when the batch holds actions (training); at inference it passes the transition through.
     The placement of FAST ids (`fast_offset`, `fast_sign`) and the special ids are the `VocabLayout`'s
     (`for_layout`), saved in the step's config so that a saved pipeline keeps the placement it trained with.
@@ -273,7 +280,7 @@ class KIFastTokenizerStep(ProcessorStep):
 def make_ki_vla_pre_post_processors(
     config: KIConfig,
     dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None,
-    fast_tokenizer: FASTTokenizer | None = None,
+    fast_tokenizer: ActionTokenizer | None = None,
 ) -> tuple[
     PolicyProcessorPipeline[dict[str, Any], dict[str, Any]],
     PolicyProcessorPipeline[PolicyAction, PolicyAction],
