@@ -16,10 +16,11 @@ from functools import partial
 from typing import Any
 
 
-def cheap_rendering(env: Any, size: int) -> Any:
+def cheap_rendering(env: Any, size: int, max_steps: int | None = None) -> Any:
     """Makes a `lerobot.envs.metaworld.MetaworldEnv` render `size` x `size` frames without shadows or
-    multisampling. Returns the same env. Its observation space must already be `size` (build it with
-    observation_width/height = size, as `make_cheap_metaworld_envs` does)."""
+    multisampling (and, with `max_steps`, end episodes sooner than Meta-World's 500 steps: for quick
+    checks, not for reported success). Returns the same env. Its observation space must already be
+    `size` (build it with observation_width/height = size, as `make_cheap_metaworld_envs` does)."""
     space = env.observation_space["pixels"].shape
     if space[:2] != (size, size):
         raise ValueError(f"env observation space is {space}, not {size}x{size}: build it at that size")
@@ -30,14 +31,19 @@ def cheap_rendering(env: Any, size: int) -> Any:
     # The renderer is created lazily at the first render with these sizes.
     inner.mujoco_renderer.width = inner.mujoco_renderer.height = size
     inner.width = inner.height = size
+    if max_steps is not None:
+        # LeRobot's rollout loop reads this attribute as its step cap.
+        env._max_episode_steps = min(max_steps, env._max_episode_steps)
     return env
 
 
-def _cheap_env(factory, size: int):
-    return cheap_rendering(factory(), size)
+def _cheap_env(factory, size: int, max_steps: int | None):
+    return cheap_rendering(factory(), size, max_steps)
 
 
-def make_cheap_metaworld_envs(task: str, n_envs: int, size: int) -> dict[str, dict[int, Any]]:
+def make_cheap_metaworld_envs(
+    task: str, n_envs: int, size: int, max_steps: int | None = None
+) -> dict[str, dict[int, Any]]:
     """LeRobot's `create_metaworld_envs` (same nested {group: {task_id: vec_env}} as `make_env`, so it
     feeds `lerobot_eval.eval_policy_all`), with every env rendered by `cheap_rendering`."""
     import gymnasium as gym
@@ -51,6 +57,6 @@ def make_cheap_metaworld_envs(task: str, n_envs: int, size: int) -> dict[str, di
     }
 
     def sync_vector_env(factories):
-        return gym.vector.SyncVectorEnv([partial(_cheap_env, f, size) for f in factories])
+        return gym.vector.SyncVectorEnv([partial(_cheap_env, f, size, max_steps) for f in factories])
 
     return create_metaworld_envs(task=task, n_envs=n_envs, gym_kwargs=gym_kwargs, env_cls=sync_vector_env)

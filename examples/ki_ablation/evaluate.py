@@ -8,6 +8,7 @@ frames at the policy's resolution, no shadows), matching the demonstrations' rec
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ def success_rates(
     start_seed: int = 1000,
     device: str = "cpu",
     videos_dir: Path | None = None,
+    max_steps: int | None = None,
 ) -> dict[str, Any]:
     """Per-task and overall success of `n_episodes` episodes per task, seeds start_seed.. (as lerobot-eval
     --seed=start_seed), with per-episode outcomes."""
@@ -63,7 +65,7 @@ def success_rates(
     policy, pre, post = load_policy(checkpoint, device)
     env_cfg = MetaworldEnv(task=",".join(tasks))
     env_pre, env_post = make_env_pre_post_processors(env_cfg=env_cfg, policy_cfg=policy.config)
-    envs = make_cheap_metaworld_envs(",".join(tasks), n_envs=1, size=render_size)
+    envs = make_cheap_metaworld_envs(",".join(tasks), n_envs=1, size=render_size, max_steps=max_steps)
     set_seed(start_seed)
     try:
         with torch.no_grad():
@@ -111,6 +113,8 @@ def heldout_chunk_mse(
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from lerobot.utils.constants import ACTION
 
+    # Without FFmpeg libraries torchcodec logs a long traceback before LeRobot falls back to PyAV.
+    logging.getLogger("lerobot.utils.import_utils").setLevel(logging.ERROR)
     policy, pre, post = load_policy(checkpoint, device)
     chunk = policy.config.chunk_size
     meta_fps = LeRobotDataset(repo_id, root=dataset_root).fps
@@ -128,3 +132,36 @@ def heldout_chunk_mse(
         pred = post(policy.predict_action_chunk(pre(batch)))  # (B, chunk, D) in dataset units
     err = (pred.cpu()[..., : target.shape[-1]] - target) ** 2
     return float(err[~pad].mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python evaluate.py --checkpoint C --tasks T --episodes N --json F`: success_rates as JSON. The runner
+    calls it in a fresh process per checkpoint: MuJoCo's software-EGL contexts accumulate in a process
+    and slowed each later evaluation down (measured: 18, 25, then 55 ms per step)."""
+    import argparse
+    import json
+    import os
+
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--tasks", required=True, help="comma list of Meta-World tasks")
+    p.add_argument("--episodes", type=int, required=True, help="per task")
+    p.add_argument("--render-size", type=int, required=True)
+    p.add_argument("--start-seed", type=int, default=1000)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--videos-dir", type=Path, default=None)
+    p.add_argument("--json", type=Path, required=True)
+    args = p.parse_args(argv)
+    result = success_rates(
+        args.checkpoint, [t for t in args.tasks.split(",") if t], args.episodes, args.render_size,
+        start_seed=args.start_seed, device=args.device, videos_dir=args.videos_dir, max_steps=args.max_steps,
+    )  # fmt: skip
+    args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,6 +32,7 @@ from pathlib import Path
 # Headless offscreen rendering for the evaluation in this process; must be set before mujoco is imported.
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+os.environ.setdefault("TQDM_DISABLE", "1")  # LeRobot's per-step rollout bars; the runner prints one line per run
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--chunk-size", type=int, default=20, help="default: %(default)s")
     a("--n-action-steps", type=int, default=5, help="default: %(default)s")
     a("--eval-episodes", type=int, default=10, help="success episodes per task (default: %(default)s)")
+    a("--eval-max-steps", type=int, default=None, help="episode cap below Meta-World's 500 (quick checks only)")
     a("--render-size", type=int, default=96, help="rendered frame side, = policy resolution (default: %(default)s)")
     a("--vlm", type=Path, default=DEFAULT_VLM, help="pretrained VLM (PaliGemma layout; default: the committed one)")
     a("--corpus", type=Path, default=Path("data/mw_vqa"), help="VQA corpus of lerobot-ki-make-vlm-corpus "
@@ -201,7 +203,7 @@ def backbone_shift(checkpoint: Path, vlm: Path) -> float:
 
 
 def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
-    from evaluate import heldout_chunk_mse, success_rates
+    from evaluate import heldout_chunk_mse
 
     run_dir = out / "runs" / arm.name / f"seed{seed}"
     result_file = run_dir / "result.json"
@@ -232,15 +234,22 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
         ]  # fmt: skip
         result["vqa"] = vqa_accuracy(final, args, run_dir / "vqa.json")
         result["backbone_shift"] = backbone_shift(final, args.vlm) if arm.pretrained_backbone else None
-    result["success"] = success_rates(
-        final, [t for t in args.tasks.split(",") if t], args.eval_episodes, args.render_size,
-        start_seed=EVAL_SEED, device=args.device, videos_dir=run_dir / "videos" if seed == 0 else None,
-    )  # fmt: skip
+    success_json = run_dir / "success.json"
+    if not success_json.exists():
+        cmd = [sys.executable, str(HERE / "evaluate.py"), "--checkpoint", str(final), "--tasks", args.tasks,
+               "--episodes", str(args.eval_episodes), "--render-size", str(args.render_size),
+               "--start-seed", str(EVAL_SEED), "--device", args.device, "--json", str(success_json)]  # fmt: skip
+        if seed == 0:
+            cmd += ["--videos-dir", str(run_dir / "videos")]
+        if args.eval_max_steps:
+            cmd += ["--max-steps", str(args.eval_max_steps)]
+        run(cmd, run_dir / "eval.log")
+    result["success"] = json.loads(success_json.read_text())
     result["eval_s"] = time.perf_counter() - t0
+    result_file.write_text(json.dumps(result, indent=1))
     # Keep the final checkpoint only: intermediate ones were needed for the curve alone.
     for c in ckpts[:-1]:
         shutil.rmtree(c, ignore_errors=True)
-    result_file.write_text(json.dumps(result, indent=1))
     s = result["success"]
     print(f"[{arm.name} seed {seed}] success {s['rate']:.0%} of {s['n']}; vqa {result.get('vqa')}; "
           f"train {train_s / 60:.1f} min, eval {result['eval_s'] / 60:.1f} min", flush=True)  # fmt: skip

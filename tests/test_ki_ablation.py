@@ -1,0 +1,115 @@
+"""The ablation runner end to end at toy size: two arms, one seed, a few steps. It checks the pipeline (data,
+training, every measure, the report, resuming), not the science."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples" / "ki_ablation"))
+
+import run as ablation  # noqa: E402
+from evaluate import wilson_interval  # noqa: E402
+
+from lerobot_ki.cli import make_vlm_corpus  # noqa: E402
+
+TASK = "button-press-topdown-v3"
+
+
+def test_wilson_interval_brackets_the_rate_and_narrows_with_n():
+    lo, hi = wilson_interval(5, 10)
+    assert lo < 0.5 < hi
+    lo2, hi2 = wilson_interval(50, 100)
+    assert hi2 - lo2 < hi - lo
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 10)[1] > 0.2  # 0 of 10 does not prove a 0% rate
+
+
+def test_cheap_rendering_keeps_the_task_and_renders_small():
+    """Same physics and state as LeRobot's standard env at the same seed; only the pixels change."""
+    from lerobot.envs.metaworld import MetaworldEnv
+
+    from lerobot_ki.metaworld_render import cheap_rendering
+
+    kind = "pixels_agent_pos"
+    standard = MetaworldEnv(task=TASK, obs_type=kind)
+    cheap = cheap_rendering(
+        MetaworldEnv(task=TASK, obs_type=kind, observation_width=32, observation_height=32), 32
+    )
+    a, _ = standard.reset(seed=1000)
+    b, _ = cheap.reset(seed=1000)
+    assert b["pixels"].shape == (32, 32, 3) and a["pixels"].shape == (480, 480, 3)
+    np.testing.assert_array_equal(a["agent_pos"], b["agent_pos"])
+    action = np.array([0.3, -0.2, 0.5, 1.0], dtype=np.float32)
+    for _ in range(5):
+        a, ra, *_ = standard.step(action)
+        b, rb, *_ = cheap.step(action)
+    np.testing.assert_array_equal(a["agent_pos"], b["agent_pos"])
+    assert ra == rb
+    assert cheap._env.model.light_castshadow.sum() == 0 and standard._env.model.light_castshadow.sum() > 0
+    with pytest.raises(ValueError, match="observation space"):
+        cheap_rendering(MetaworldEnv(task=TASK), 32)  # a 480 px observation space cannot carry 32 px frames
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> tuple[Path, list[str]]:
+    corpus = tmp_path_factory.mktemp("vqa") / "corpus"
+    assert make_vlm_corpus.main(
+        ["--output_dir", str(corpus), "--tasks", TASK, "--heldout_tasks", "1", "--train_episodes", "1",
+         "--heldout_episodes", "1", "--frames_per_episode", "2", "--heldout_frames_per_episode", "2",
+         "--resolution", "96", "--workers", "1", "--no-progress"]
+    ) == 0  # fmt: skip
+    out = tmp_path_factory.mktemp("ablation")
+    argv = ["--arms", "ki,frozen", "--seeds", "0", "--steps", "4", "--checkpoints", "2", "--batch-size", "4",
+            "--demos-per-task", "1", "--heldout-demos-per-task", "1", "--eval-episodes", "1",
+            "--eval-max-steps", "20", "--vqa-limit", "4", "--tasks", TASK, "--corpus", str(corpus),
+            "--output-dir", str(out)]  # fmt: skip
+    assert ablation.main(argv) == 0
+    return out, argv
+
+
+def test_every_run_has_every_measure(experiment):
+    out, _ = experiment
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["runs"]) == {"ki", "frozen"}
+    for arm in ("ki", "frozen"):
+        (r,) = results["runs"][arm]
+        assert r["success"]["n"] == 1 and set(r["success"]["per_task"]) == {TASK}
+        assert [p["step"] for p in r["mse_curve"]] == [2, 4]
+        assert all(np.isfinite(p["mse"]) and p["mse"] > 0 for p in r["mse_curve"])
+        assert set(r["vqa"]) == {"heldout_scenes", "heldout_tasks"}
+        assert all(0.0 <= v <= 1.0 for v in r["vqa"].values())
+        assert r["losses"] and "loss_flow" in r["losses"][-1]
+    runs = results["runs"]
+    # The frozen backbone does not move at all; KI's backbone learns from the FAST CE.
+    assert runs["frozen"][0]["backbone_shift"] == 0.0
+    assert runs["ki"][0]["backbone_shift"] > 0.0
+    # ... and the frozen arm's VQA answers are the pretrained VLM's, exactly.
+    before = json.loads((out / "vqa_pretrained.json").read_text())["scores"]
+    after = json.loads((out / "runs" / "frozen" / "seed0" / "vqa.json").read_text())["scores"]
+    assert [v["predictions"] for v in after.values()] == [v["predictions"] for v in before.values()]
+    table = (out / "table.md").read_text()
+    assert "| ki | 1 |" in table and "| frozen | 1 |" in table and "pretrained VLM" in table
+    assert (out / "retention.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+    # Only the final checkpoint is kept.
+    assert [d.name for d in (out / "runs" / "ki" / "seed0" / "train" / "checkpoints").iterdir() if d.name.isdigit()] == ["000004"]
+
+
+def test_rerun_skips_finished_runs(experiment, capsys):
+    out, argv = experiment
+    result = out / "runs" / "ki" / "seed0" / "result.json"
+    stamp = result.stat().st_mtime_ns
+    assert ablation.main(argv) == 0
+    assert result.stat().st_mtime_ns == stamp
+    assert "done already" in capsys.readouterr().out
+
+
+def test_unknown_arm_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown arm"):
+        ablation.main(["--arms", "ki,jiont", "--output-dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
