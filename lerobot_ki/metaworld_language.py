@@ -35,7 +35,7 @@ PUCK_HIGH = np.array([0.1, 0.7])
 # (`fix_extreme_obj_pos` reads the body's z after the hand reset has settled it), reach/pick-place at the
 # 0.02 of their random vector. We use the rested height for all three so their first frames agree; the
 # value is what the simulator gives (checked by the tests).
-PUCK_REST_Z = 0.019415
+PUCK_REST_Z = 0.019417
 
 # Goals: each class's default `self.goal` (where its MJCF puts the goal site) with y moved from 0.8 to
 # 0.85, the centre of the goal ranges' y (0.8..0.9). At y >= 0.85 no puck start (y <= 0.7) is within the
@@ -130,6 +130,9 @@ def tasks_satisfied(
 
 
 def final_state(env: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(hand, puck) positions of the env now, the inputs of `tasks_satisfied`."""
+    """(hand, puck) positions of the env now, the inputs of `tasks_satisfied`. LeRobot's `MetaworldEnv.step`
+    resets the env itself on the step where the instructed task succeeds (that success is in
+    `info["is_success"]`), so use it after an episode that ran out of steps, or on the inner Meta-World env
+    stepped directly, which does not reset itself."""
     sim = _inner_env(env)
     return np.array(sim.tcp_center, dtype=np.float64), np.array(sim._get_pos_objects()[:3], dtype=np.float64)
