@@ -150,10 +150,13 @@ def build_features(env_cfg: Any, use_videos: bool = True) -> dict[str, dict]:
 
 
 def _make_lerobot_env(
-    backend: dict[str, Any], task: str, render_size: int | None = None
+    backend: dict[str, Any], task: str, render_size: int | None = None, hide_goals: bool = False
 ) -> tuple[Any, Any, Any]:
     """Build the env exactly as lerobot-eval does (n_envs=1) and return (config, vec_env, env). With
-    `render_size`, the same env renders small, without shadows (lerobot_ki/metaworld_render.py)."""
+    `render_size`, the same env renders small, without shadows (lerobot_ki/metaworld_render.py).
+
+    ``hide_goals``: the language-following variant (``lerobot_ki.metaworld_language``): goal marker
+    hidden, goal fixed per task, puck start shared by reach/push/pick-place at the same seed."""
     env_cfg = backend["config_cls"](task=task)
     if render_size is None:
         envs = backend["make_env"](env_cfg, n_envs=1, use_async_envs=False)
@@ -163,6 +166,10 @@ def _make_lerobot_env(
         envs = make_cheap_metaworld_envs(task, n_envs=1, size=render_size)
     vec_env = envs[task][0]
     env = vec_env.envs[0]  # lerobot.envs.metaworld.MetaworldEnv (SyncVectorEnv adds no wrapper)
+    if hide_goals:
+        from lerobot_ki.metaworld_language import make_language_following
+
+        make_language_following(env)  # patches the env object in this process; survives every reset
     original_format = env._format_raw_obs
 
     def _format_and_keep_raw(raw_obs: np.ndarray) -> dict:
@@ -218,6 +225,7 @@ def record(
     image_writer_threads: int = 4,
     show_progress: bool = True,
     render_size: int | None = None,
+    hide_goals: bool = False,
 ) -> dict[str, Any]:
     """Roll out Meta-World scripted experts through LeRobot's env and write a LeRobot v3 dataset.
 
@@ -233,6 +241,9 @@ def record(
         use_videos: store frames as MP4 (AV1) videos (default) or as PNG images.
         render_size: render `render_size` px frames without shadows (lerobot_ki/metaworld_render.py,
             ~25x cheaper on CPU) instead of LeRobot's 480 px; policies must be evaluated the same way.
+        hide_goals: record in the language-following variant of reach/push/pick-place
+            (``lerobot_ki.metaworld_language``: no goal marker, a fixed goal per task, the same puck
+            start for the three tasks at a seed), so only the task string tells the tasks apart.
 
     Returns:
         Summary dict with per-task statistics, dataset features, root and repo_id.
@@ -250,6 +261,14 @@ def record(
     logging.getLogger("lerobot.utils.import_utils").setLevel(logging.ERROR)
 
     task_list = resolve_tasks(tasks)
+    if hide_goals:
+        from lerobot_ki.metaworld_language import LANGUAGE_TASKS
+
+        others = [t for t in task_list if t not in LANGUAGE_TASKS]
+        if others:
+            raise ValueError(
+                f"hide_goals applies to {', '.join(LANGUAGE_TASKS)} only, not {', '.join(others)}"
+            )
     if episodes_per_task < 1:
         raise ValueError("episodes_per_task must be >= 1")
     root = Path(root)
@@ -268,7 +287,7 @@ def record(
         )
 
     # Fail fast (before anything is written) if offscreen rendering does not work.
-    _, probe_vec_env, probe_env = _make_lerobot_env(backend, task_list[0], render_size)
+    _, probe_vec_env, probe_env = _make_lerobot_env(backend, task_list[0], render_size, hide_goals)
     try:
         _reset_checked(probe_env, seed)
     finally:
@@ -291,13 +310,19 @@ def record(
         image_writer_threads=image_writer_threads,
     )
 
-    summary: dict[str, Any] = {"repo_id": repo_id, "root": str(root), "fps": dataset_fps, "tasks": {}}
+    summary: dict[str, Any] = {
+        "repo_id": repo_id,
+        "root": str(root),
+        "fps": dataset_fps,
+        "hide_goals": hide_goals,
+        "tasks": {},
+    }
     total_budget = len(task_list) * max_attempts
     bar = tqdm(total=total_budget, desc="episodes", unit="ep", disable=not show_progress)
     try:
         for task in task_list:
             t0 = time.perf_counter()
-            _, vec_env, env = _make_lerobot_env(backend, task, render_size)
+            _, vec_env, env = _make_lerobot_env(backend, task, render_size, hide_goals)
             description = env.task_description
             # Meta-World raises if stepped past max_path_length (500), which is also lerobot-eval's cap.
             step_cap = min(int(max_steps or env._max_episode_steps), int(env._max_episode_steps))
@@ -415,6 +440,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=">1: retry new seeds until --episodes-per-task successful episodes (up to factor x attempts)",
     )
     p.add_argument("--no-videos", action="store_true", help="store PNG images instead of MP4 videos")
+    p.add_argument(
+        "--hide-goals",
+        action="store_true",
+        help="language-following variant, for reach-v3,push-v3,pick-place-v3 only: goal marker hidden, "
+        "goal fixed per task, same puck start for the three tasks at a seed, so the first frames are "
+        "identical and only the task string tells the tasks apart (lerobot_ki/metaworld_language.py)",
+    )
     p.add_argument("--overwrite", action="store_true", help="delete --root first if it exists")
     p.add_argument("--image-writer-threads", type=int, default=4)
     p.add_argument("--summary-json", default=None, help="also write the summary dict to this file")
@@ -448,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             image_writer_threads=args.image_writer_threads,
             show_progress=not args.no_progress,
             render_size=args.render_size,
+            hide_goals=args.hide_goals,
         )
     except (SimulatorUnavailableError, RenderingUnavailableError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
