@@ -12,6 +12,7 @@ policies evaluated must use the same rendering (images differ from the standard 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -37,15 +38,23 @@ def cheap_rendering(env: Any, size: int, max_steps: int | None = None) -> Any:
     return env
 
 
-def _cheap_env(factory, size: int, max_steps: int | None):
-    return cheap_rendering(factory(), size, max_steps)
+def _cheap_env(factory, size: int, max_steps: int | None, adjust: Callable[[Any], Any] | None):
+    env = cheap_rendering(factory(), size, max_steps)
+    if adjust is not None:
+        adjust(env)
+    return env
 
 
 def make_cheap_metaworld_envs(
-    task: str, n_envs: int, size: int, max_steps: int | None = None
+    task: str,
+    n_envs: int,
+    size: int,
+    max_steps: int | None = None,
+    adjust: Callable[[Any], Any] | None = None,
 ) -> dict[str, dict[int, Any]]:
     """LeRobot's `create_metaworld_envs` (same nested {group: {task_id: vec_env}} as `make_env`, so it
-    feeds `lerobot_eval.eval_policy_all`), with every env rendered by `cheap_rendering`."""
+    feeds `lerobot_eval.eval_policy_all`), with every env rendered by `cheap_rendering` and then passed
+    to `adjust` (e.g. the language-following variant), if given."""
     import gymnasium as gym
     from lerobot.envs.metaworld import create_metaworld_envs
 
@@ -57,6 +66,6 @@ def make_cheap_metaworld_envs(
     }
 
     def sync_vector_env(factories):
-        return gym.vector.SyncVectorEnv([partial(_cheap_env, f, size, max_steps) for f in factories])
+        return gym.vector.SyncVectorEnv([partial(_cheap_env, f, size, max_steps, adjust) for f in factories])
 
     return create_metaworld_envs(task=task, n_envs=n_envs, gym_kwargs=gym_kwargs, env_cls=sync_vector_env)

@@ -19,6 +19,7 @@ from evaluate import wilson_interval  # noqa: E402
 from lerobot_ki.cli import make_vlm_corpus  # noqa: E402
 
 TASK = "button-press-topdown-v3"
+LANGUAGE_TASK = "reach-v3"  # recorded and evaluated in its language-following variant
 
 
 def test_wilson_interval_brackets_the_rate_and_narrows_with_n():
@@ -59,16 +60,61 @@ def test_cheap_rendering_keeps_the_task_and_renders_small():
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> tuple[Path, list[str]]:
     corpus = tmp_path_factory.mktemp("vqa") / "corpus"
-    assert make_vlm_corpus.main(
-        ["--output_dir", str(corpus), "--tasks", TASK, "--heldout_tasks", "1", "--train_episodes", "1",
-         "--heldout_episodes", "1", "--frames_per_episode", "2", "--heldout_frames_per_episode", "2",
-         "--resolution", "96", "--workers", "1", "--no-progress"]
-    ) == 0  # fmt: skip
+    assert (
+        make_vlm_corpus.main(
+            [
+                "--output_dir",
+                str(corpus),
+                "--tasks",
+                TASK,
+                "--heldout_tasks",
+                "1",
+                "--train_episodes",
+                "1",
+                "--heldout_episodes",
+                "1",
+                "--frames_per_episode",
+                "2",
+                "--heldout_frames_per_episode",
+                "2",
+                "--resolution",
+                "96",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = tmp_path_factory.mktemp("ablation")
-    argv = ["--arms", "ki,frozen", "--seeds", "0", "--steps", "4", "--checkpoints", "2", "--batch-size", "4",
-            "--demos-per-task", "1", "--heldout-demos-per-task", "1", "--eval-episodes", "1",
-            "--eval-max-steps", "20", "--vqa-limit", "4", "--tasks", TASK, "--corpus", str(corpus),
-            "--output-dir", str(out)]  # fmt: skip
+    argv = [
+        "--arms",
+        "ki,frozen",
+        "--seeds",
+        "0",
+        "--steps",
+        "4",
+        "--checkpoints",
+        "2",
+        "--batch-size",
+        "4",
+        "--demos-per-task",
+        "1",
+        "--heldout-demos-per-task",
+        "1",
+        "--eval-episodes",
+        "1",
+        "--eval-max-steps",
+        "20",
+        "--vqa-limit",
+        "4",
+        "--tasks",
+        f"{TASK},{LANGUAGE_TASK}",
+        "--corpus",
+        str(corpus),
+        "--output-dir",
+        str(out),
+    ]
     assert ablation.main(argv) == 0
     return out, argv
 
@@ -79,7 +125,10 @@ def test_every_run_has_every_measure(experiment):
     assert set(results["runs"]) == {"ki", "frozen"}
     for arm in ("ki", "frozen"):
         (r,) = results["runs"][arm]
-        assert r["success"]["n"] == 1 and set(r["success"]["per_task"]) == {TASK}
+        assert r["success"]["n"] == 2 and set(r["success"]["per_task"]) == {TASK, LANGUAGE_TASK}
+        lang = r["success"]["per_task"][LANGUAGE_TASK]
+        assert len(lang["tasks_done"]) == len(lang["other_task"]) == 1  # one list per episode
+        assert "tasks_done" not in r["success"]["per_task"][TASK]
         assert [p["step"] for p in r["mse_curve"]] == [2, 4]
         assert all(np.isfinite(p["mse"]) and p["mse"] > 0 for p in r["mse_curve"])
         assert set(r["vqa"]) == {"heldout_scenes", "heldout_tasks"}
@@ -97,7 +146,11 @@ def test_every_run_has_every_measure(experiment):
     assert "| ki | 1 |" in table and "| frozen | 1 |" in table and "pretrained VLM" in table
     assert (out / "retention.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
     # Only the final checkpoint is kept.
-    assert [d.name for d in (out / "runs" / "ki" / "seed0" / "train" / "checkpoints").iterdir() if d.name.isdigit()] == ["000004"]
+    assert [
+        d.name
+        for d in (out / "runs" / "ki" / "seed0" / "train" / "checkpoints").iterdir()
+        if d.name.isdigit()
+    ] == ["000004"]
 
 
 def test_rerun_skips_finished_runs(experiment, capsys):

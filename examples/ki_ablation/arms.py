@@ -20,13 +20,14 @@ n_action_steps, Diffusion sampling with 10 DDIM steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 
 @dataclass(frozen=True)
 class Arm:
     name: str
     description: str
+    _: KW_ONLY  # everything else by name: a misplaced positional flag tuple would silently change the arm
     policy_type: str = "ki_vla"
     flags: tuple[str, ...] = ()
     pretrained_backbone: bool = True  # load the pretrained VLM (ki_vla arms)
@@ -43,13 +44,18 @@ ARMS: dict[str, Arm] = {
     for a in (
         Arm("ki", "KI: stop-gradient + FAST CE + VLM co-training", cotrain=True),
         Arm("ki_no_cotrain", "KI without VLM co-training"),
-        Arm("joint", "joint training (no stop-gradient), co-training", ("--policy.stop_gradient=false",), cotrain=True),
+        Arm(
+            "joint",
+            "joint training (no stop-gradient), co-training",
+            flags=("--policy.stop_gradient=false",),
+            cotrain=True,
+        ),
         Arm(
             "pi0",
             "pi0-style: flow loss only, no stop-gradient, no co-training",
-            ("--policy.stop_gradient=false", "--policy.fast_loss_weight=0"),
+            flags=("--policy.stop_gradient=false", "--policy.fast_loss_weight=0"),
         ),
-        Arm("frozen", "frozen backbone: only the expert trains", ("--policy.train_expert_only=true",)),
+        Arm("frozen", "frozen backbone: only the expert trains", flags=("--policy.train_expert_only=true",)),
         Arm("naive_tokens", "KI with naive 256-bin tokens instead of FAST", cotrain=True, naive_tokens=True),
         Arm("scratch", "KI from a random backbone (no pretraining)", cotrain=True, pretrained_backbone=False),
         Arm(

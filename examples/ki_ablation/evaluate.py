@@ -43,6 +43,39 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+class TasksDone:
+    """Language-following bookkeeping for one reach/push/pick-place env: which of the three tasks' success
+    conditions held at any step of each episode (`metaworld_language.tasks_satisfied`), so an episode
+    instructed "push" that put the puck at pick-place's goal, or only reached, is counted as doing that."""
+
+    def __init__(self, env: Any) -> None:
+        from lerobot_ki.metaworld_language import final_state, make_language_following, tasks_satisfied
+
+        self.episodes: list[list[str]] = []
+        self._done: set[str] = set()
+        self._steps = 0
+        sim = make_language_following(env)
+        sim_step, env_reset = sim.step, env.reset
+
+        def step(action):
+            # The inner step: LeRobot's wrapper resets the env right after a success, so look here.
+            out = sim_step(action)
+            self._steps += 1
+            self._done |= {t for t, ok in tasks_satisfied(*final_state(sim)).items() if ok}
+            return out
+
+        def reset(*args, **kwargs):
+            self.close_episode()
+            return env_reset(*args, **kwargs)
+
+        sim.step, env.reset = step, reset  # instance attributes, found before the class methods
+
+    def close_episode(self) -> None:
+        if self._steps:
+            self.episodes.append(sorted(self._done))
+        self._done, self._steps = set(), 0
+
+
 def success_rates(
     checkpoint: Path,
     tasks: list[str],
@@ -52,9 +85,11 @@ def success_rates(
     device: str = "cpu",
     videos_dir: Path | None = None,
     max_steps: int | None = None,
+    hide_goals: bool = False,
 ) -> dict[str, Any]:
     """Per-task and overall success of `n_episodes` episodes per task, seeds start_seed.. (as lerobot-eval
-    --seed=start_seed), with per-episode outcomes."""
+    --seed=start_seed), with per-episode outcomes. With `hide_goals`, reach/push/pick-place run in their
+    language-following variant and each of their episodes also lists the tasks it did."""
     from lerobot.envs.configs import MetaworldEnv
     from lerobot.envs.factory import make_env_pre_post_processors
     from lerobot.scripts.lerobot_eval import eval_policy_all
@@ -65,7 +100,17 @@ def success_rates(
     policy, pre, post = load_policy(checkpoint, device)
     env_cfg = MetaworldEnv(task=",".join(tasks))
     env_pre, env_post = make_env_pre_post_processors(env_cfg=env_cfg, policy_cfg=policy.config)
-    envs = make_cheap_metaworld_envs(",".join(tasks), n_envs=1, size=render_size, max_steps=max_steps)
+    from lerobot_ki.metaworld_language import LANGUAGE_TASKS
+
+    trackers: dict[str, TasksDone] = {}
+
+    def adjust(env) -> None:
+        if hide_goals and env.task in LANGUAGE_TASKS:
+            trackers[env.task] = TasksDone(env)
+
+    envs = make_cheap_metaworld_envs(
+        ",".join(tasks), n_envs=1, size=render_size, max_steps=max_steps, adjust=adjust
+    )
     set_seed(start_seed)
     try:
         with torch.no_grad():
@@ -89,11 +134,16 @@ def success_rates(
     for entry in info["per_task"]:
         successes = [bool(s) for s in entry["metrics"]["successes"]]
         k, n = sum(successes), len(successes)
-        per_task[entry["task_group"]] = {
-            "successes": successes,
-            "rate": k / n,
-            "ci95": wilson_interval(k, n),
-        }
+        task = entry["task_group"]
+        per_task[task] = {"successes": successes, "rate": k / n, "ci95": wilson_interval(k, n)}
+        if task in trackers:
+            trackers[task].close_episode()
+            done = trackers[task].episodes
+            if len(done) != n:
+                raise RuntimeError(f"{task}: {len(done)} episodes tracked for {n} evaluated")
+            per_task[task]["tasks_done"] = done
+            # Did another of the three tasks instead of (or as well as) the instructed one.
+            per_task[task]["other_task"] = [any(t != task for t in d) for d in done]
     all_outcomes = [s for t in per_task.values() for s in t["successes"]]
     k, n = sum(all_outcomes), len(all_outcomes)
     return {"per_task": per_task, "rate": k / n, "n": n, "ci95": wilson_interval(k, n)}
@@ -153,11 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--videos-dir", type=Path, default=None)
+    p.add_argument(
+        "--hide-goals", action="store_true", help="reach/push/pick-place: language-following variant"
+    )
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
     result = success_rates(
         args.checkpoint, [t for t in args.tasks.split(",") if t], args.episodes, args.render_size,
         start_seed=args.start_seed, device=args.device, videos_dir=args.videos_dir, max_steps=args.max_steps,
+        hide_goals=args.hide_goals,
     )  # fmt: skip
     args.json.write_text(json.dumps(result, indent=1))
     return 0

@@ -3,26 +3,33 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
 from arms import ARMS
+from evaluate import wilson_interval
 
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+from lerobot_ki.metaworld_language import LANGUAGE_TASKS
 
 
 def _fmt(values: list[float], pct: bool = True, digits: int = 1) -> str:
+    """mean ± sd over seeds ("-" when not measured)."""
     if not values:
         return "-"
-    m, s = _mean_sd(values)
+    m = statistics.fmean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
     scale, unit = (100, "%") if pct else (1, "")
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}{unit}"
+
+
+def _pooled(outcomes: list[bool]) -> str:
+    """k/n episodes with the 95% Wilson interval."""
+    k, n = sum(outcomes), len(outcomes)
+    lo, hi = wilson_interval(k, n)
+    return f"{k}/{n} [{lo:.0%}, {hi:.0%}]"
 
 
 def collect(out: Path, arms: list[str], seeds: list[int]) -> dict[str, list[dict]]:
@@ -35,31 +42,54 @@ def collect(out: Path, arms: list[str], seeds: list[int]) -> dict[str, list[dict
     return runs
 
 
-def table(runs: dict[str, list[dict]], before: dict[str, float] | None) -> str:
+def _episodes(r: dict, tasks, key: str = "successes") -> list[bool]:
+    return [s for t, v in r["success"]["per_task"].items() if t in tasks for s in v.get(key, [])]
+
+
+def _rate(r: dict, tasks, key: str = "successes") -> float | None:
+    e = _episodes(r, tasks, key)
+    return sum(e) / len(e) if e else None
+
+
+def main_table(runs: dict[str, list[dict]], before: dict[str, float] | None) -> str:
     lines = [
-        "| arm | seeds | success (mean ± sd over seeds) | pooled episodes, 95% CI | VQA held-out scenes "
-        "| VQA held-out tasks | backbone shift | final held-out chunk MSE |",
+        "| arm | seeds | success, all tasks | (pooled episodes, 95% CI) | VQA held-out scenes "
+        "| VQA held-out tasks | backbone shift | held-out chunk MSE |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if before:
         lines.append(
-            f"| pretrained VLM (before fine-tuning) | - | - | - | {before.get('heldout_scenes', float('nan')):.1%} "
-            f"| {before.get('heldout_tasks', float('nan')):.1%} | 0 | - |"
+            f"| *pretrained VLM, before fine-tuning* | | | | {before['heldout_scenes']:.1%} "
+            f"| {before['heldout_tasks']:.1%} | 0 | |"
         )
     for arm, rs in runs.items():
-        ok = sum(sum(t["successes"].count(True) for t in r["success"]["per_task"].values()) for r in rs)
-        n = sum(r["success"]["n"] for r in rs)
-        from evaluate import wilson_interval
-
-        lo, hi = wilson_interval(ok, n)
         vqa = [r["vqa"] for r in rs if r.get("vqa")]
         shift = [r["backbone_shift"] for r in rs if r.get("backbone_shift") is not None]
         mse = [r["mse_curve"][-1]["mse"] for r in rs if r.get("mse_curve")]
+        everything = [s for r in rs for s in _episodes(r, r["success"]["per_task"])]
         lines.append(
-            f"| {arm} | {len(rs)} | {_fmt([r['success']['rate'] for r in rs])} | {ok}/{n} [{lo:.0%}, {hi:.0%}] "
+            f"| {arm} | {len(rs)} | {_fmt([r['success']['rate'] for r in rs])} | {_pooled(everything)} "
             f"| {_fmt([v['heldout_scenes'] for v in vqa])} | {_fmt([v['heldout_tasks'] for v in vqa])} "
             f"| {_fmt(shift, pct=False, digits=3)} | {_fmt(mse, pct=False, digits=4)} |"
         )
+    return "\n".join(lines)
+
+
+def language_table(runs: dict[str, list[dict]]) -> str:
+    """Success on reach/push/pick-place when their images are identical, and how often an episode did
+    another of the three tasks (its success condition held at some step) instead of or besides the
+    instructed one."""
+    lines = [
+        "| arm | instructed task done | did another task | " + " | ".join(LANGUAGE_TASKS) + " |",
+        "|---|---:|---:|" + "---:|" * len(LANGUAGE_TASKS),
+    ]
+    for arm, rs in runs.items():
+        done = [x for x in (_rate(r, LANGUAGE_TASKS) for r in rs) if x is not None]
+        other = [x for x in (_rate(r, LANGUAGE_TASKS, "other_task") for r in rs) if x is not None]
+        if not done:
+            continue
+        cells = [_pooled([s for r in rs for s in _episodes(r, (t,))]) for t in LANGUAGE_TASKS]
+        lines.append(f"| {arm} | {_fmt(done)} | {_fmt(other)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -67,10 +97,7 @@ def per_task_table(runs: dict[str, list[dict]]) -> str:
     tasks = sorted({t for rs in runs.values() for r in rs for t in r["success"]["per_task"]})
     lines = ["| arm | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     for arm, rs in runs.items():
-        cells = []
-        for t in tasks:
-            outcomes = [s for r in rs for s in r["success"]["per_task"].get(t, {}).get("successes", [])]
-            cells.append(f"{sum(outcomes)}/{len(outcomes)}")
+        cells = [_pooled([s for r in rs for s in _episodes(r, (t,))]) for t in tasks]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -95,7 +122,7 @@ def plots(runs: dict[str, list[dict]], before: dict[str, float] | None, out: Pat
             ax[i].set_xticks(range(len(ki)), ki, rotation=30, ha="right")
             ax[i].set_ylabel("VQA accuracy")
             ax[i].set_title(split.replace("_", " "))
-        fig.suptitle("Knowledge retained after robot fine-tuning (dots: seeds)")
+        fig.suptitle("Knowledge retained after robot fine-tuning (bars: mean; dots: seeds)")
         fig.tight_layout()
         fig.savefig(out / "retention.png", dpi=110)
         plt.close(fig)
@@ -103,9 +130,9 @@ def plots(runs: dict[str, list[dict]], before: dict[str, float] | None, out: Pat
     if curves:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for arm in curves:
-            steps = [p["step"] for p in runs[arm][0]["mse_curve"]]
-            per_seed = [[p["mse"] for p in r["mse_curve"]] for r in runs[arm] if r.get("mse_curve")]
-            mean = [statistics.fmean(v) for v in zip(*per_seed, strict=False)]
+            per_seed = [r["mse_curve"] for r in runs[arm] if r.get("mse_curve")]
+            steps = [p["step"] for p in per_seed[0]]
+            mean = [statistics.fmean(p[i]["mse"] for p in per_seed) for i in range(len(steps))]
             ax.plot(steps, mean, marker="o", label=arm)
         ax.set_xlabel("training step")
         ax.set_ylabel("held-out action-chunk MSE")
@@ -119,24 +146,30 @@ def plots(runs: dict[str, list[dict]], before: dict[str, float] | None, out: Pat
 
 
 def write_report(out: Path, arms: list[str], seeds: list[int], args) -> None:
-    runs = collect(out, arms, seeds)
-    before_file = out / "vqa_pretrained.json"
-    before = None
-    if before_file.exists():
-        from lerobot_ki.vlm_accuracy import ALL
+    from lerobot_ki.vlm_accuracy import ALL
 
-        scores = json.loads(before_file.read_text())["scores"]
+    runs = collect(out, arms, seeds)
+    before = None
+    if (out / "vqa_pretrained.json").exists():
+        scores = json.loads((out / "vqa_pretrained.json").read_text())["scores"]
         before = {Path(k).name: v["scores"][ALL]["accuracy"] for k, v in scores.items()}
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, {platform.system()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
         "arguments": {k: str(v) for k, v in vars(args).items()},
     }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "vqa_before": before, "runs": runs}, indent=1))
-    text = (
-        f"# Knowledge-insulation ablation ({meta['date']}, {meta['machine']})\n\n"
-        f"{table(runs, before)}\n\nPer task, episodes succeeded (all seeds pooled):\n\n{per_task_table(runs)}\n"
+    results = {"meta": meta, "vqa_before": before, "runs": runs}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    text = "\n\n".join(
+        [
+            f"# Knowledge-insulation ablation ({meta['date']}, {meta['machine']})",
+            main_table(runs, before),
+            "Language following (reach / push / pick-place with identical images):",
+            language_table(runs),
+            "Per task, episodes succeeded (seeds pooled, 95% Wilson interval):",
+            per_task_table(runs),
+        ]
     )
-    (out / "table.md").write_text(text)
+    (out / "table.md").write_text(text + "\n")
     plots(runs, before, out)
     print(text)

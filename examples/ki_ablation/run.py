@@ -32,18 +32,21 @@ from pathlib import Path
 # Headless offscreen rendering for the evaluation in this process; must be set before mujoco is imported.
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
-os.environ.setdefault("TQDM_DISABLE", "1")  # LeRobot's per-step rollout bars; the runner prints one line per run
+# LeRobot's per-step rollout bars would flood the console; the runner prints one line per run.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "examples" / "metaworld"))
 
-from arms import ARMS, KI_ARMS, Arm, parse_arms  # noqa: E402
+from arms import ARMS, Arm, parse_arms  # noqa: E402
 from main_job import NORMALIZATION, PRESETS, parse_train_log  # noqa: E402
 
 DEFAULT_VLM = REPO / "benchmarks" / "results" / "vlm_tiny_2026-11-26" / "paligemma"
-DEFAULT_TASKS = "button-press-topdown-v3,drawer-open-v3"
+# Two standard tasks and the three language-following ones (the same first frame; only the instruction
+# tells them apart: lerobot_ki/metaworld_language.py).
+DEFAULT_TASKS = "button-press-topdown-v3,drawer-open-v3,reach-v3,push-v3,pick-place-v3"
 REPO_ID = "local/ki_ablation"
 HELDOUT_SEED = 500  # held-out demonstrations; training demos use 0.., evaluation 1000..
 EVAL_SEED = 1000
@@ -61,19 +64,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--demos-per-task", type=int, default=10, help="expert demonstrations per task (default: %(default)s)")
     a("--heldout-demos-per-task", type=int, default=3, help="for chunk MSE (default: %(default)s)")
     a("--steps", type=int, default=800, help="training steps per run (default: %(default)s)")
-    a("--checkpoints", type=int, default=4, help="evenly spaced checkpoints for curves (default: %(default)s)")
+    a(
+        "--checkpoints",
+        type=int,
+        default=4,
+        help="evenly spaced checkpoints for curves (default: %(default)s)",
+    )
     a("--batch-size", type=int, default=16, help="default: %(default)s")
     a("--chunk-size", type=int, default=20, help="default: %(default)s")
     a("--n-action-steps", type=int, default=5, help="default: %(default)s")
     a("--eval-episodes", type=int, default=10, help="success episodes per task (default: %(default)s)")
-    a("--eval-max-steps", type=int, default=None, help="episode cap below Meta-World's 500 (quick checks only)")
-    a("--render-size", type=int, default=96, help="rendered frame side, = policy resolution (default: %(default)s)")
-    a("--vlm", type=Path, default=DEFAULT_VLM, help="pretrained VLM (PaliGemma layout; default: the committed one)")
-    a("--corpus", type=Path, default=Path("data/mw_vqa"), help="VQA corpus of lerobot-ki-make-vlm-corpus "
-      "(train/ for co-training, heldout_scenes/ + heldout_tasks/ for retention; default: %(default)s)")
+    a(
+        "--eval-max-steps",
+        type=int,
+        default=None,
+        help="episode cap below Meta-World's 500 (quick checks only)",
+    )
+    a(
+        "--render-size",
+        type=int,
+        default=96,
+        help="rendered frame side, = policy resolution (default: %(default)s)",
+    )
+    a(
+        "--vlm",
+        type=Path,
+        default=DEFAULT_VLM,
+        help="pretrained VLM (PaliGemma layout; default: the committed one)",
+    )
+    a(
+        "--corpus",
+        type=Path,
+        default=Path("data/mw_vqa"),
+        help="VQA corpus of lerobot-ki-make-vlm-corpus "
+        "(train/ for co-training, heldout_scenes/ + heldout_tasks/ for retention; default: %(default)s)",
+    )
     a("--vqa-limit", type=int, default=300, help="questions per held-out VQA split (default: %(default)s)")
     a("--preset", choices=sorted(PRESETS), default="tiny", help="default: %(default)s")
-    a("--train-arg", action="append", default=[], help="extra lerobot-train flag for ki_vla arms (repeatable)")
+    a(
+        "--train-arg",
+        action="append",
+        default=[],
+        help="extra lerobot-train flag for ki_vla arms (repeatable)",
+    )
     a("--device", default="cpu", help="default: %(default)s")
     a("--output-dir", type=Path, default=Path("outputs/ki_ablation"), help="default: %(default)s")
     a("--jobs", type=int, default=1, help="worker processes for the runs (default: %(default)s)")
@@ -109,7 +142,10 @@ def run(cmd: list[str], log: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- data
 def prepare_data(args: argparse.Namespace, out: Path) -> None:
-    for split, seed, n in (("train", 0, args.demos_per_task), ("heldout", HELDOUT_SEED, args.heldout_demos_per_task)):
+    for split, seed, n in (
+        ("train", 0, args.demos_per_task),
+        ("heldout", HELDOUT_SEED, args.heldout_demos_per_task),
+    ):
         root = out / "data" / split
         summary = out / "data" / f"{split}_summary.json"
         if summary.exists():
@@ -117,20 +153,44 @@ def prepare_data(args: argparse.Namespace, out: Path) -> None:
         shutil.rmtree(root, ignore_errors=True)
         root.parent.mkdir(parents=True, exist_ok=True)
         run(
-            [sys.executable, str(REPO / "examples" / "metaworld" / "record_dataset.py"), "--tasks", args.tasks,
-             "--episodes-per-task", str(n), "--root", str(root), "--repo-id", f"{REPO_ID}_{split}",
-             "--seed", str(seed), "--render-size", str(args.render_size), "--max-attempts-factor", "2",
-             "--summary-json", str(summary), "--no-progress"],
+            [
+                sys.executable,
+                str(REPO / "examples" / "metaworld" / "record_dataset.py"),
+                "--tasks",
+                args.tasks,
+                "--episodes-per-task",
+                str(n),
+                "--root",
+                str(root),
+                "--repo-id",
+                f"{REPO_ID}_{split}",
+                "--seed",
+                str(seed),
+                "--render-size",
+                str(args.render_size),
+                "--max-attempts-factor",
+                "2",
+                "--summary-json",
+                str(summary),
+                "--no-progress",
+                "--hide-goals",  # reach/push/pick-place: the language-following variant
+            ],
             out / "data" / f"record_{split}.log",
-        )  # fmt: skip
+        )
     fast_dir = out / "fast_tokenizer"
     if not (fast_dir / "tokenizer.json").exists():
         run(
-            [_bin("lerobot-ki-fit-fast"), f"--dataset.repo_id={REPO_ID}_train", f"--dataset.root={out / 'data' / 'train'}",
-             f"--chunk_size={args.chunk_size}", "--vocab_size=1024", "--normalization=MIN_MAX",
-             f"--output_dir={fast_dir}"],
+            [
+                _bin("lerobot-ki-fit-fast"),
+                f"--dataset.repo_id={REPO_ID}_train",
+                f"--dataset.root={out / 'data' / 'train'}",
+                f"--chunk_size={args.chunk_size}",
+                "--vocab_size=1024",
+                "--normalization=MIN_MAX",
+                f"--output_dir={fast_dir}",
+            ],
             out / "data" / "fit_fast.log",
-        )  # fmt: skip
+        )
 
 
 def vqa_accuracy(checkpoint: Path, args: argparse.Namespace, json_path: Path) -> dict[str, float]:
@@ -140,11 +200,22 @@ def vqa_accuracy(checkpoint: Path, args: argparse.Namespace, json_path: Path) ->
     if not json_path.exists():
         splits = ",".join(str(args.corpus / s) for s in ("heldout_scenes", "heldout_tasks"))
         run(
-            [_bin("lerobot-ki-eval-vlm"), "--checkpoint", str(checkpoint), "--data", splits,
-             "--reference", str(args.corpus / "train"), "--limit", str(args.vqa_limit),
-             "--json", str(json_path), "--no-progress"],
+            [
+                _bin("lerobot-ki-eval-vlm"),
+                "--checkpoint",
+                str(checkpoint),
+                "--data",
+                splits,
+                "--reference",
+                str(args.corpus / "train"),
+                "--limit",
+                str(args.vqa_limit),
+                "--json",
+                str(json_path),
+                "--no-progress",
+            ],
             json_path.with_suffix(".log"),
-        )  # fmt: skip
+        )
     scores = json.loads(json_path.read_text())["scores"]
     return {Path(folder).name: s["scores"][ALL]["accuracy"] for folder, s in scores.items()}
 
@@ -154,23 +225,45 @@ def train_command(arm: Arm, seed: int, args: argparse.Namespace, out: Path, trai
     data = out / "data" / "train"
     save_freq = max(1, args.steps // args.checkpoints)
     common = [
-        f"--dataset.repo_id={REPO_ID}_train", f"--dataset.root={data}", f"--policy.device={args.device}",
-        "--policy.push_to_hub=false", f"--batch_size={args.batch_size}", f"--steps={args.steps}",
-        f"--save_freq={save_freq}", f"--log_freq={max(10, args.steps // 40)}", "--num_workers=1",
-        f"--seed={seed}", f"--output_dir={train_dir}", "--wandb.enable=false",
-    ]  # fmt: skip
+        f"--dataset.repo_id={REPO_ID}_train",
+        f"--dataset.root={data}",
+        f"--policy.device={args.device}",
+        "--policy.push_to_hub=false",
+        f"--batch_size={args.batch_size}",
+        f"--steps={args.steps}",
+        f"--save_freq={save_freq}",
+        f"--log_freq={max(10, args.steps // 40)}",
+        "--num_workers=1",
+        f"--seed={seed}",
+        f"--output_dir={train_dir}",
+        "--wandb.enable=false",
+    ]
     if arm.policy_type == "act":
-        return [_bin("lerobot-train"), "--policy.type=act", *arm.flags, *common,
-                f"--policy.chunk_size={args.chunk_size}", f"--policy.n_action_steps={args.n_action_steps}"]  # fmt: skip
+        return [
+            _bin("lerobot-train"),
+            "--policy.type=act",
+            *arm.flags,
+            *common,
+            f"--policy.chunk_size={args.chunk_size}",
+            f"--policy.n_action_steps={args.n_action_steps}",
+        ]
     if arm.policy_type == "diffusion":
         return [_bin("lerobot-train"), "--policy.type=diffusion", *arm.flags, *common]
     cmd = [
-        _bin("lerobot-train"), "--policy.type=ki_vla", *PRESETS[args.preset], *arm.flags, *common,
-        f"--policy.normalization_mapping={NORMALIZATION}", f"--policy.chunk_size={args.chunk_size}",
-        f"--policy.n_action_steps={args.n_action_steps}", "--policy.max_state_dim=8", "--policy.max_action_dim=8",
+        _bin("lerobot-train"),
+        "--policy.type=ki_vla",
+        *PRESETS[args.preset],
+        *arm.flags,
+        *common,
+        f"--policy.normalization_mapping={NORMALIZATION}",
+        f"--policy.chunk_size={args.chunk_size}",
+        f"--policy.n_action_steps={args.n_action_steps}",
+        "--policy.max_state_dim=8",
+        "--policy.max_action_dim=8",
         # A short fine-tune: warm up over the first tenth, decay over the run (LeRobot's cosine schedule).
-        f"--policy.scheduler_warmup_steps={max(1, args.steps // 10)}", f"--policy.scheduler_decay_steps={args.steps}",
-    ]  # fmt: skip
+        f"--policy.scheduler_warmup_steps={max(1, args.steps // 10)}",
+        f"--policy.scheduler_decay_steps={args.steps}",
+    ]
     if arm.pretrained_backbone:
         cmd.append(f"--policy.paligemma_pretrained_path={args.vlm}")
     if arm.cotrain:
@@ -218,9 +311,20 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
         run(train_command(arm, seed, args, out, train_dir), run_dir / "train.log")
     train_s = time.perf_counter() - t0
     log_freq = max(10, args.steps // 40)
-    losses = parse_train_log((run_dir / "train.log").read_text(errors="replace"), log_freq) if arm.is_ki_vla else []
-    result: dict = {"arm": arm.name, "seed": seed, "description": arm.description, "train_s": train_s,
-                    "steps": args.steps, "losses": losses, "command": train_command(arm, seed, args, out, train_dir)}  # fmt: skip
+    losses = (
+        parse_train_log((run_dir / "train.log").read_text(errors="replace"), log_freq)
+        if arm.is_ki_vla
+        else []
+    )
+    result: dict = {
+        "arm": arm.name,
+        "seed": seed,
+        "description": arm.description,
+        "train_s": train_s,
+        "steps": args.steps,
+        "losses": losses,
+        "command": train_command(arm, seed, args, out, train_dir),
+    }
     ckpts = sorted(
         (d for d in (train_dir / "checkpoints").iterdir() if d.name.isdigit()), key=lambda d: int(d.name)
     )
@@ -229,18 +333,39 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
     if arm.is_ki_vla:
         heldout = out / "data" / "heldout"
         result["mse_curve"] = [
-            {"step": int(c.name), "mse": heldout_chunk_mse(c / "pretrained_model", heldout, f"{REPO_ID}_heldout", device=args.device)}
+            {
+                "step": int(c.name),
+                "mse": heldout_chunk_mse(
+                    c / "pretrained_model", heldout, f"{REPO_ID}_heldout", device=args.device
+                ),
+            }
             for c in ckpts
-        ]  # fmt: skip
+        ]
         result["vqa"] = vqa_accuracy(final, args, run_dir / "vqa.json")
         result["backbone_shift"] = backbone_shift(final, args.vlm) if arm.pretrained_backbone else None
     success_json = run_dir / "success.json"
     if not success_json.exists():
-        cmd = [sys.executable, str(HERE / "evaluate.py"), "--checkpoint", str(final), "--tasks", args.tasks,
-               "--episodes", str(args.eval_episodes), "--render-size", str(args.render_size),
-               "--start-seed", str(EVAL_SEED), "--device", args.device, "--json", str(success_json)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(HERE / "evaluate.py"),
+            "--checkpoint",
+            str(final),
+            "--tasks",
+            args.tasks,
+            "--episodes",
+            str(args.eval_episodes),
+            "--render-size",
+            str(args.render_size),
+            "--start-seed",
+            str(EVAL_SEED),
+            "--device",
+            args.device,
+            "--json",
+            str(success_json),
+        ]
         if seed == 0:
             cmd += ["--videos-dir", str(run_dir / "videos")]
+        cmd.append("--hide-goals")
         if args.eval_max_steps:
             cmd += ["--max-steps", str(args.eval_max_steps)]
         run(cmd, run_dir / "eval.log")
@@ -251,8 +376,11 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
     for c in ckpts[:-1]:
         shutil.rmtree(c, ignore_errors=True)
     s = result["success"]
-    print(f"[{arm.name} seed {seed}] success {s['rate']:.0%} of {s['n']}; vqa {result.get('vqa')}; "
-          f"train {train_s / 60:.1f} min, eval {result['eval_s'] / 60:.1f} min", flush=True)  # fmt: skip
+    print(
+        f"[{arm.name} seed {seed}] success {s['rate']:.0%} of {s['n']}; vqa {result.get('vqa')}; "
+        f"train {train_s / 60:.1f} min, eval {result['eval_s'] / 60:.1f} min",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,8 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not args.report_only:
         if any(a.cotrain for a in arms) and not (args.corpus / "train").is_dir():
-            sys.exit(f"{args.corpus}/train not found: make the VQA corpus first (README, lerobot-ki-make-vlm-corpus "
-                     f"--output_dir {args.corpus}) or point --corpus at it.")  # fmt: skip
+            sys.exit(
+                f"{args.corpus}/train not found: make the VQA corpus first (README, "
+                "lerobot-ki-make-vlm-corpus "
+                f"--output_dir {args.corpus}) or point --corpus at it."
+            )
         out.mkdir(parents=True, exist_ok=True)
         prepare_data(args, out)
         if any(a.is_ki_vla for a in arms):
@@ -274,10 +405,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs > 1:
             procs = [
                 subprocess.Popen(
-                    [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--jobs", "1",
-                     "--shard", f"{k}/{args.jobs}"],
+                    [
+                        sys.executable,
+                        __file__,
+                        *(argv if argv is not None else sys.argv[1:]),
+                        "--jobs",
+                        "1",
+                        "--shard",
+                        f"{k}/{args.jobs}",
+                    ],
                     env=_env(threads=max(1, (os.cpu_count() or 2) // args.jobs)),
-                )  # fmt: skip
+                )
                 for k in range(args.jobs)
             ]
             if any(p.wait() != 0 for p in procs):

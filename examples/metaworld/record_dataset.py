@@ -42,6 +42,8 @@ if os.environ["MUJOCO_GL"] == "egl":
 
 import numpy as np
 
+from lerobot_ki.metaworld_language import LANGUAGE_TASKS, make_language_following
+
 DEFAULT_TASKS = ("reach-v3", "button-press-topdown-v3", "drawer-open-v3", "push-v3")
 DEFAULT_REPO_ID = "local/metaworld_expert"
 # lerobot-eval seeds episode i of a task with `--seed` (default 1000) + i; keep demo seeds
@@ -166,9 +168,7 @@ def _make_lerobot_env(
         envs = make_cheap_metaworld_envs(task, n_envs=1, size=render_size)
     vec_env = envs[task][0]
     env = vec_env.envs[0]  # lerobot.envs.metaworld.MetaworldEnv (SyncVectorEnv adds no wrapper)
-    if hide_goals:
-        from lerobot_ki.metaworld_language import make_language_following
-
+    if hide_goals and task in LANGUAGE_TASKS:
         make_language_following(env)  # patches the env object in this process; survives every reset
     original_format = env._format_raw_obs
 
@@ -241,9 +241,10 @@ def record(
         use_videos: store frames as MP4 (AV1) videos (default) or as PNG images.
         render_size: render `render_size` px frames without shadows (lerobot_ki/metaworld_render.py,
             ~25x cheaper on CPU) instead of LeRobot's 480 px; policies must be evaluated the same way.
-        hide_goals: record in the language-following variant of reach/push/pick-place
+        hide_goals: record reach/push/pick-place in their language-following variant
             (``lerobot_ki.metaworld_language``: no goal marker, a fixed goal per task, the same puck
-            start for the three tasks at a seed), so only the task string tells the tasks apart.
+            start for the three tasks at a seed), so only the task string tells them apart; other
+            tasks are recorded unchanged.
 
     Returns:
         Summary dict with per-task statistics, dataset features, root and repo_id.
@@ -261,14 +262,6 @@ def record(
     logging.getLogger("lerobot.utils.import_utils").setLevel(logging.ERROR)
 
     task_list = resolve_tasks(tasks)
-    if hide_goals:
-        from lerobot_ki.metaworld_language import LANGUAGE_TASKS
-
-        others = [t for t in task_list if t not in LANGUAGE_TASKS]
-        if others:
-            raise ValueError(
-                f"hide_goals applies to {', '.join(LANGUAGE_TASKS)} only, not {', '.join(others)}"
-            )
     if episodes_per_task < 1:
         raise ValueError("episodes_per_task must be >= 1")
     root = Path(root)
@@ -314,7 +307,7 @@ def record(
         "repo_id": repo_id,
         "root": str(root),
         "fps": dataset_fps,
-        "hide_goals": hide_goals,
+        "hide_goals": [t for t in task_list if hide_goals and t in LANGUAGE_TASKS],
         "tasks": {},
     }
     total_budget = len(task_list) * max_attempts
@@ -443,9 +436,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--hide-goals",
         action="store_true",
-        help="language-following variant, for reach-v3,push-v3,pick-place-v3 only: goal marker hidden, "
-        "goal fixed per task, same puck start for the three tasks at a seed, so the first frames are "
-        "identical and only the task string tells the tasks apart (lerobot_ki/metaworld_language.py)",
+        help="record reach-v3,push-v3,pick-place-v3 in their language-following variant: goal marker "
+        "hidden, goal fixed per task, same puck start for the three tasks at a seed, so the first frames "
+        "are identical and only the task string tells them apart (lerobot_ki/metaworld_language.py); "
+        "other tasks are recorded unchanged",
     )
     p.add_argument("--overwrite", action="store_true", help="delete --root first if it exists")
     p.add_argument("--image-writer-threads", type=int, default=4)
