@@ -57,6 +57,18 @@ def test_cheap_rendering_keeps_the_task_and_renders_small():
         cheap_rendering(MetaworldEnv(task=TASK), 32)  # a 480 px observation space cannot carry 32 px frames
 
 
+def test_language_tasks_look_the_same_when_rendered_cheaply():
+    """The evaluation's envs (cheap rendering + the language-following variant): reach, push and
+    pick-place give the same first frame at a seed, so only the instruction tells them apart."""
+    from lerobot_ki.metaworld_language import LANGUAGE_TASKS, make_language_following
+    from lerobot_ki.metaworld_render import make_cheap_metaworld_envs
+
+    envs = make_cheap_metaworld_envs(",".join(LANGUAGE_TASKS), 1, 96, adjust=make_language_following)
+    frames = [vec.reset(seed=[1000])[0]["pixels"][0] for group in envs.values() for vec in group.values()]
+    assert len(frames) == 3 and frames[0].std() > 5  # a real image, not a blank one
+    assert all(np.array_equal(frames[0], f) for f in frames[1:])
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> tuple[Path, list[str]]:
     corpus = tmp_path_factory.mktemp("vqa") / "corpus"
