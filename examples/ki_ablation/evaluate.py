@@ -45,35 +45,39 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 class TasksDone:
     """Language-following bookkeeping for one reach/push/pick-place env: which of the three tasks' success
-    conditions held at any step of each episode (`metaworld_language.tasks_satisfied`), so an episode
-    instructed "push" that put the puck at pick-place's goal, or only reached, is counted as doing that."""
+    conditions held at any step of each evaluated episode (`metaworld_language.tasks_satisfied`), so an
+    episode instructed "push" that put the puck at pick-place's goal, or only reached, counts as doing that.
+    An evaluated episode starts at a seeded reset (LeRobot's rollout seeds every batch) and ends at the next
+    reset: LeRobot's env resets itself right after a success, and the vector env's autoreset steps
+    finished envs on until the batch ends; those steps are not counted."""
 
     def __init__(self, env: Any) -> None:
         from lerobot_ki.metaworld_language import final_state, make_language_following, tasks_satisfied
 
         self.episodes: list[list[str]] = []
         self._done: set[str] = set()
-        self._steps = 0
+        self._tracking = False
         sim = make_language_following(env)
         sim_step, env_reset = sim.step, env.reset
 
         def step(action):
             # The inner step: LeRobot's wrapper resets the env right after a success, so look here.
             out = sim_step(action)
-            self._steps += 1
-            self._done |= {t for t, ok in tasks_satisfied(*final_state(sim)).items() if ok}
+            if self._tracking:
+                self._done |= {t for t, ok in tasks_satisfied(*final_state(sim)).items() if ok}
             return out
 
         def reset(*args, **kwargs):
             self.close_episode()
+            self._tracking = kwargs.get("seed") is not None
             return env_reset(*args, **kwargs)
 
         sim.step, env.reset = step, reset  # instance attributes, found before the class methods
 
     def close_episode(self) -> None:
-        if self._steps:
+        if self._tracking:
             self.episodes.append(sorted(self._done))
-        self._done, self._steps = set(), 0
+        self._done, self._tracking = set(), False
 
 
 def success_rates(
@@ -86,6 +90,7 @@ def success_rates(
     videos_dir: Path | None = None,
     max_steps: int | None = None,
     hide_goals: bool = False,
+    batch: int = 10,
 ) -> dict[str, Any]:
     """Per-task and overall success of `n_episodes` episodes per task, seeds start_seed.. (as lerobot-eval
     --seed=start_seed), with per-episode outcomes. With `hide_goals`, reach/push/pick-place run in their
@@ -102,14 +107,16 @@ def success_rates(
     env_pre, env_post = make_env_pre_post_processors(env_cfg=env_cfg, policy_cfg=policy.config)
     from lerobot_ki.metaworld_language import LANGUAGE_TASKS
 
-    trackers: dict[str, TasksDone] = {}
+    trackers: dict[str, list[TasksDone]] = {}  # per task, one per env of its vector env
 
     def adjust(env) -> None:
         if hide_goals and env.task in LANGUAGE_TASKS:
-            trackers[env.task] = TasksDone(env)
+            trackers.setdefault(env.task, []).append(TasksDone(env))
 
+    # All of a task's episodes in one vector env (up to `batch`): the policy runs once per step for all
+    # of them, which made evaluation about 3x cheaper here than one env at a time.
     envs = make_cheap_metaworld_envs(
-        ",".join(tasks), n_envs=1, size=render_size, max_steps=max_steps, adjust=adjust
+        ",".join(tasks), n_envs=min(n_episodes, batch), size=render_size, max_steps=max_steps, adjust=adjust
     )
     set_seed(start_seed)
     try:
@@ -122,7 +129,7 @@ def success_rates(
                 preprocessor=pre,
                 postprocessor=post,
                 n_episodes=n_episodes,
-                max_episodes_rendered=1 if videos_dir else 0,
+                max_episodes_rendered=min(n_episodes, batch) if videos_dir else 0,
                 videos_dir=videos_dir,
                 start_seed=start_seed,
             )
@@ -137,8 +144,11 @@ def success_rates(
         task = entry["task_group"]
         per_task[task] = {"successes": successes, "rate": k / n, "ci95": wilson_interval(k, n)}
         if task in trackers:
-            trackers[task].close_episode()
-            done = trackers[task].episodes
+            for tracker in trackers[task]:
+                tracker.close_episode()
+            # Episode b * n_envs + i ran in env i during batch b (LeRobot's seed order).
+            rounds = max(len(t.episodes) for t in trackers[task])
+            done = [t.episodes[b] for b in range(rounds) for t in trackers[task] if b < len(t.episodes)][:n]
             if len(done) != n:
                 raise RuntimeError(f"{task}: {len(done)} episodes tracked for {n} evaluated")
             per_task[task]["tasks_done"] = done
