@@ -223,6 +223,11 @@ def vqa_accuracy(checkpoint: Path, args: argparse.Namespace, json_path: Path) ->
 
 
 # ---------------------------------------------------------------------------------------------- runs
+def _log_freq(args: argparse.Namespace) -> int:
+    """About 40 loss lines per run (the loss curves in result.json)."""
+    return max(1, args.steps // 40)
+
+
 def train_command(arm: Arm, seed: int, args: argparse.Namespace, out: Path, train_dir: Path) -> list[str]:
     data = out / "data" / "train"
     save_freq = max(1, args.steps // args.checkpoints)
@@ -234,7 +239,7 @@ def train_command(arm: Arm, seed: int, args: argparse.Namespace, out: Path, trai
         f"--batch_size={args.batch_size}",
         f"--steps={args.steps}",
         f"--save_freq={save_freq}",
-        f"--log_freq={max(10, args.steps // 40)}",
+        f"--log_freq={_log_freq(args)}",
         "--num_workers=1",
         f"--seed={seed}",
         f"--output_dir={train_dir}",
@@ -280,20 +285,27 @@ def train_command(arm: Arm, seed: int, args: argparse.Namespace, out: Path, trai
 
 def backbone_shift(checkpoint: Path, vlm: Path) -> float:
     """||theta - theta_0|| / ||theta_0|| over the backbone's vision tower and language-model layers (token
-    embeddings and LM head excluded: their FAST rows start random): how far fine-tuning moved the VLM."""
+    embeddings and LM head excluded: their FAST rows start random): how far fine-tuning moved the VLM.
+    theta_0 is the pretrained VLM mapped onto ki_vla's names by the importer lerobot-train used."""
+    from safetensors.torch import load_file
+
     from lerobot_ki.modeling_ki import KIPolicy
+    from lerobot_ki.weights import paligemma_to_ki_state_dict
 
     trained = KIPolicy.from_pretrained(checkpoint)
-    cfg = trained.config
-    cfg.paligemma_pretrained_path = str(vlm)
-    start = KIPolicy(cfg)  # the same architecture with the pretrained VLM loaded, as at step 0
-    before = dict(start.model.paligemma_with_expert.paligemma.named_parameters())
+    hf = {}
+    for f in sorted(vlm.glob("*.safetensors")):
+        hf.update(load_file(f))
+    start, _ = paligemma_to_ki_state_dict(hf, trained, trained.config)
+    now = trained.state_dict()
     num = den = 0.0
-    for name, p in trained.model.paligemma_with_expert.paligemma.named_parameters():
+    for name, p0 in start.items():
         if "embed_tokens" in name or "lm_head" in name:
             continue
-        num += float((p.detach() - before[name].detach()).pow(2).sum())
-        den += float(before[name].detach().pow(2).sum())
+        num += float((now[name].float() - p0.float()).pow(2).sum())
+        den += float(p0.float().pow(2).sum())
+    if den == 0.0:
+        raise RuntimeError(f"no backbone weights of {vlm} matched {checkpoint}")
     return (num / den) ** 0.5
 
 
@@ -312,7 +324,7 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
         shutil.rmtree(train_dir, ignore_errors=True)
         run(train_command(arm, seed, args, out, train_dir), run_dir / "train.log")
     train_s = time.perf_counter() - t0
-    log_freq = max(10, args.steps // 40)
+    log_freq = _log_freq(args)
     losses = (
         parse_train_log((run_dir / "train.log").read_text(errors="replace"), log_freq)
         if arm.is_ki_vla
