@@ -14,8 +14,8 @@ Stages (each skipped when its output exists, so an interrupted experiment contin
    and how far the backbone's weights moved. Its result.json marks it done.
 4. the report: results.json (every run), table.md (mean +- sd over seeds), retention.png, curves.png.
 
-Arms: examples/ki_ablation/arms.py. `--preset real --train-arg=--policy.paligemma_pretrained_path=...`
-runs the same arms at full size on a GPU.
+Arms: examples/ki_ablation/arms.py. `--preset real --vlm <PaliGemma folder> --device cuda` builds the same
+arms at full size for a GPU; `--train-arg=--policy.X=Y` adds lerobot-train flags to the ki_vla arms.
 """
 
 from __future__ import annotations
@@ -319,11 +319,13 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     train_dir = run_dir / "train"
-    t0 = time.perf_counter()
+    train_time = run_dir / "train_seconds.txt"  # survives a resume that skips the finished training
     if not (train_dir / "checkpoints" / "last").exists():
         shutil.rmtree(train_dir, ignore_errors=True)
+        t0 = time.perf_counter()
         run(train_command(arm, seed, args, out, train_dir), run_dir / "train.log")
-    train_s = time.perf_counter() - t0
+        train_time.write_text(f"{time.perf_counter() - t0:.1f}\n")
+    train_s = float(train_time.read_text()) if train_time.exists() else None
     log_freq = _log_freq(args)
     losses = (
         parse_train_log((run_dir / "train.log").read_text(errors="replace"), log_freq)
@@ -392,7 +394,7 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
     s = result["success"]
     print(
         f"[{arm.name} seed {seed}] success {s['rate']:.0%} of {s['n']}; vqa {result.get('vqa')}; "
-        f"train {train_s / 60:.1f} min, eval {result['eval_s'] / 60:.1f} min",
+        f"train {(train_s or float('nan')) / 60:.1f} min, eval {result['eval_s'] / 60:.1f} min",
         flush=True,
     )
 
