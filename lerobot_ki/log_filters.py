@@ -22,10 +22,10 @@ class ShortTorchcodecWarning(logging.Filter):
         except Exception:  # a malformed record is not ours to fix
             return True
         if "torchcodec" in message and "\n" in message:
-            first = message.strip().splitlines()[0][:200]
             record.msg = (
-                "torchcodec cannot be loaded (usually: no FFmpeg 4-7 shared libraries); LeRobot decodes "
-                f"videos with PyAV instead. First line of the error: {first}"
+                "torchcodec is installed but cannot be loaded (no FFmpeg 4-8 shared libraries, or a torch "
+                "version it does not support; `python -c 'import torchcodec'` shows why): LeRobot decodes "
+                "videos with PyAV instead."
             )
             record.args = ()
         return True
