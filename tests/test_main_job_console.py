@@ -72,6 +72,21 @@ def test_progress_condenses_training_lines_and_tqdm_bars():
     assert "still running" in shown[-1] and "/o/train.log" in shown[-1]
 
 
+def test_progress_shows_only_the_bars_named():
+    shown = []
+    progress = main_job.Progress("record", Path("/o/r.log"), bars=("episodes",), min_interval=0.0,
+                                 write=shown.append)  # fmt: skip
+    progress.feed("Map: 100%|##########| 46/46 [00:00<00:00, 900 examples/s]")
+    progress.feed("episodes: 100%|##########| 1/1 [00:25<00:00, 25.51s/ep]")
+    assert len(shown) == 1 and shown[0].endswith("episodes 1/1")
+    progress = main_job.Progress("evaluate", Path("/o/e.log"), bars=("Running rollout",), min_interval=0.0,
+                                 write=shown.append)  # fmt: skip
+    progress.feed(
+        "\x1b[ARunning rollout with at most 500 steps:  73%|#######3  | 363/500 [04:20<01:19]\x1b[A"
+    )
+    assert shown[-1].endswith("Running rollout with at most 500 steps 363/500")
+
+
 def test_run_streams_the_whole_output_to_the_log_and_a_summary_to_the_console(tmp_path, capsys):
     script = (
         "import sys\n"

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import select
+import shlex
 import shutil
 import subprocess
 import sys
@@ -136,20 +137,22 @@ def train_command(args: argparse.Namespace, repo_id: str, data_dir: Path, fast_d
 
 
 _TQDM = re.compile(r"^\s*(?P<desc>[^|]*?):?\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _TRAIN_KEYS = ("loss", "loss_fast_ce", "loss_flow", "fast_token_acc", "updt_s")
 
 
 class Progress:
     """Condenses one stage's output to a few console lines: training `step:` lines (step and losses),
     tqdm bars (count/total, at most one line per `min_interval` seconds for each bar unless it finishes),
-    the lines matching `keep`, and a "still running" line after `heartbeat` seconds of console silence.
-    Bars named in `skip` (per-step rollout bars) are not shown."""
+    the lines containing a `keep` string, and a "still running" line after `heartbeat` seconds of console
+    silence. Bars are those whose name starts with a `bars` entry, or (bars=None) all but those in `skip`."""
 
     def __init__(self, stage: str, log: Path, total_steps: int | None = None, keep: tuple[str, ...] = (),
-                 skip: tuple[str, ...] = ("Running rollout",), min_interval: float = 15.0,
-                 heartbeat: float = 120.0, write=None, clock=time.monotonic):  # fmt: skip
+                 bars: tuple[str, ...] | None = None, skip: tuple[str, ...] = ("Running rollout",),
+                 min_interval: float = 15.0, heartbeat: float = 120.0, write=None,
+                 clock=time.monotonic):  # fmt: skip
         self.stage, self.log, self.total_steps = stage, log, total_steps
-        self.keep, self.skip = keep, skip
+        self.keep, self.bars_shown, self.skip = keep, bars, skip
         self.min_interval, self.heartbeat = min_interval, heartbeat
         self.write = write or (lambda text: print(text, flush=True))
         self.clock = clock
@@ -161,7 +164,7 @@ class Progress:
         self.last_print = self.clock()
 
     def feed(self, line: str) -> None:
-        line = line.strip()
+        line = _ANSI.sub("", line).strip()  # nested tqdm bars move the cursor with escape codes
         if not line:
             return
         if "step:" in line and "loss" in line:
@@ -175,7 +178,10 @@ class Progress:
         m = _TQDM.match(line)
         if m:
             desc = m["desc"].strip() or "progress"
-            if any(desc.startswith(s) for s in self.skip):
+            if self.bars_shown is not None:
+                if not desc.startswith(self.bars_shown):
+                    return
+            elif desc.startswith(self.skip):
                 return
             count = f"{m['n']}/{m['total']}"
             shown, when = self.bars.get(desc, ("", -1e9))
@@ -195,7 +201,7 @@ class Progress:
 def run(cmd: list[str], log: Path, progress: Progress | None = None) -> None:
     """Runs a stage: its whole output (stdout and stderr, byte for byte) goes to `log`, and `progress`
     shows a condensed view on the console. A failure shows the log's tail and stops the job."""
-    print("$ " + " ".join(cmd), flush=True)
+    print("$ " + shlex.join(cmd), flush=True)
     print(f"  (full output: {log})", flush=True)
     progress = progress or Progress(log.stem, log)
     with log.open("wb") as f:
@@ -313,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
              "--episodes-per-task", str(args.episodes_per_task), "--root", str(data_dir),
              "--repo-id", repo_id,
              "--seed", str(args.seed), "--summary-json", str(summary_json)],
-            log, Progress("record", log, keep=("frames @", "error:")),
+            log, Progress("record", log, keep=("frames @", "error:"), bars=("episodes",)),
         )  # fmt: skip
     else:
         print(f"  reusing {data_dir} (--fresh to record again)")
@@ -328,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             [_bin("lerobot-ki-fit-fast"), f"--dataset.repo_id={repo_id}", f"--dataset.root={data_dir}",
              f"--chunk_size={args.chunk_size}", "--vocab_size=1024", "--normalization=MIN_MAX",
              f"--output_dir={fast_dir}"],
-            log, Progress("fit FAST", log, keep=("saved to", "mean_tokens", "recon_mae")),
+            log, Progress("fit FAST", log, keep=("saved to", "mean_tokens", "recon_mae"), bars=()),
         )  # fmt: skip
     else:
         print(f"  reusing {fast_dir} (--fresh to fit again)")
@@ -341,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     run(
         train_command(args, repo_id, data_dir, fast_dir, train_dir, log_freq),
         train_log,
-        Progress("train", train_log, total_steps=args.steps, keep=("FAST fitted", "Weights from")),
+        Progress("train", train_log, total_steps=args.steps, keep=("FAST fitted", "Weights from"), bars=()),
     )
     times["train (lerobot-train)"] = time.perf_counter() - t0
     rows = parse_train_log(train_log.read_text(errors="replace"), log_freq)
@@ -356,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
          "--env.type=metaworld", f"--env.task={','.join(tasks)}", f"--eval.n_episodes={args.eval_episodes}",
          "--eval.batch_size=1", "--eval.use_async_envs=false", f"--policy.device={args.device}",
          "--seed=1000", f"--output_dir={eval_dir}"],
-        eval_log, Progress("evaluate", eval_log, min_interval=0.0),
+        eval_log,
+        Progress("evaluate", eval_log, min_interval=30.0,
+                 bars=("Stepping through eval batches", "Running rollout")),  # fmt: skip
     )  # fmt: skip
     times["evaluate (lerobot-eval)"] = time.perf_counter() - t0
 
