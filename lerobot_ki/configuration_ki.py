@@ -19,7 +19,6 @@ BYTE_TOKENIZER = "byte"
 @PreTrainedConfig.register_subclass("ki_vla")
 @dataclass
 class KIConfig(PreTrainedConfig):
-    # --- architecture -------------------------------------------------------------------------
     # `gemma_2b` is the real PaliGemma 3B (SigLIP So400m + Gemma 2B); `tiny` trains on a 2-core CPU.
     paligemma_variant: str = "gemma_2b"
     action_expert_variant: str = "gemma_300m"
@@ -40,7 +39,6 @@ class KIConfig(PreTrainedConfig):
     max_state_dim: int = 32
     max_action_dim: int = 32
 
-    # --- knowledge insulation -----------------------------------------------------------------
     # Detach the backbone K/V read by the action expert: the flow loss never reaches the VLM.
     # `false` is joint training (pi0.5 without KI), the paper's main ablation.
     stop_gradient: bool = True
@@ -62,8 +60,9 @@ class KIConfig(PreTrainedConfig):
     # first call compiles (about a minute at full size).
     compile_expert: bool = False
 
-    # --- flow matching (openpi conventions) ---------------------------------------------------
-    num_inference_steps: int = 10
+    # Flow matching, openpi's conventions: training times drawn from Beta(alpha, beta), scaled and offset;
+    # periods of the sinusoidal time embedding.
+    num_inference_steps: int = 10  # Euler steps of the expert at inference
     time_sampling_beta_alpha: float = 1.5
     time_sampling_beta_beta: float = 1.0
     time_sampling_scale: float = 0.999
@@ -71,7 +70,6 @@ class KIConfig(PreTrainedConfig):
     min_period: float = 4e-3
     max_period: float = 4.0
 
-    # --- tokenizers ---------------------------------------------------------------------------
     # None => "byte" (built offline with `tokenizers`) for the tiny backbone, the PaliGemma
     # tokenizer otherwise. A local directory or Hub id of a `tokenizer.json` also works.
     text_tokenizer: str | None = None
@@ -89,9 +87,9 @@ class KIConfig(PreTrainedConfig):
     fast_overflow: str = "error"  # "error" | "truncate" (warned and counted) for chunks over budget
     fast_decode_max_failures: int = -1  # inference_mode=fast: -1 => never raise, zeros + counted warning
 
-    # --- VLM co-training (README "VLM co-training") -------------------------------------------
-    # General vision-language examples (images, a prompt, a target text) mixed into robot training. The
-    # backbone learns them by next-token CE on the target text only (no flow, no FAST loss). None = off.
+    # VLM co-training (README "VLM co-training"): general vision-language examples (images, a prompt, a
+    # target text) mixed into robot training. The backbone learns them by next-token CE on the target
+    # text only (no flow, no FAST loss). None = off.
     # A local `datasets` directory (save_to_disk), a folder of *.jsonl + image files, or a Hub dataset id.
     vlm_dataset: str | None = None
     vlm_dataset_config: str | None = None  # Hub dataset configuration name
@@ -110,7 +108,7 @@ class KIConfig(PreTrainedConfig):
     # than this fraction of the records read (counted over at least 100) stops training with an error.
     vlm_max_bad_fraction: float = 0.1
 
-    # --- real-time chunking (lerobot-rollout --inference.type=rtc) ----------------------------
+    # Real-time chunking settings (lerobot-rollout --inference.type=rtc).
     rtc_config: RTCConfig | None = None
 
     normalization_mapping: dict[str, NormalizationMode] = field(
@@ -121,8 +119,7 @@ class KIConfig(PreTrainedConfig):
         }
     )
 
-    # --- training -----------------------------------------------------------------------------
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     freeze_vision_encoder: bool = False
     train_expert_only: bool = False  # freeze the whole VLM: only the expert and projections learn
     device: str | None = None

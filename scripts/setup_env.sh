@@ -21,13 +21,17 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test,metaworld]"
 
-# Offscreen MuJoCo rendering (Meta-World) needs EGL from Mesa; install it where we can (root, Debian).
-if ! ldconfig -p 2>/dev/null | grep -q "libEGL.so.1"; then
+# Offscreen MuJoCo rendering (Meta-World) needs EGL from Mesa and a GL library for PyOpenGL (libOpenGL, or
+# GLES2 as its fallback); install them where we can (root, Debian). The same list as EGL_PACKAGES in
+# examples/metaworld/record_dataset.py and README.
+EGL_PACKAGES="libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0 libgles2"
+# (grep without -q reads all of ldconfig's output: no SIGPIPE to trip pipefail)
+if ! ldconfig -p 2>/dev/null | grep "libEGL.so.1" >/dev/null || ! ldconfig -p 2>/dev/null | grep "libOpenGL.so.0" >/dev/null; then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libegl1 libegl-mesa0 libgl1-mesa-dri libgles2 >/dev/null) \
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $EGL_PACKAGES >/dev/null) \
       || echo "warning: could not install Mesa EGL; Meta-World rendering will fail (see README)" >&2
   else
-    echo "warning: libEGL not found; install Mesa EGL (Debian: libegl1 libegl-mesa0 libgl1-mesa-dri) for Meta-World" >&2
+    echo "warning: libEGL or libOpenGL not found; install Mesa EGL (Debian: $EGL_PACKAGES) for Meta-World" >&2
   fi
 fi
 echo "environment ready: $(.venv/bin/python --version), $(.venv/bin/python -c 'import lerobot; print("lerobot", lerobot.__version__)')"

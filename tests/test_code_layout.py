@@ -61,3 +61,12 @@ def test_readme_lists_every_file_of_the_package():
         if p.name != "__init__.py" or p.parent.name in PACKAGES
     }
     assert listed == files, (sorted(files - listed), sorted(listed - files))
+
+
+def test_one_list_of_rendering_packages():
+    """record_dataset.py's hint, scripts/setup_env.sh's install and README name the same Debian packages."""
+    recorder = (ROOT / "examples" / "metaworld" / "record_dataset.py").read_text()
+    packages = re.search(r'^EGL_PACKAGES = "([^"]+)"', recorder, flags=re.MULTILINE).group(1)
+    assert "libegl1" in packages
+    assert f'EGL_PACKAGES="{packages}"' in (ROOT / "scripts" / "setup_env.sh").read_text()
+    assert f"`{packages}`" in (ROOT / "README.md").read_text()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from synthetic_dataset import make_dataset
 from tiny_setup import tiny_config
 
@@ -54,3 +55,14 @@ def test_cli_fits_like_training_and_protects_existing_output(tmp_path):
 def test_cli_needs_a_dataset():
     proc = _run("--chunk_size=10")
     assert proc.returncode != 0 and "--dataset.repo_id" in proc.stderr
+
+
+def test_help_lists_each_option_once_with_its_default(capsys):
+    from lerobot_ki.cli.fit_fast import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert text.count("  --dataset str") == 1
+    assert "(default: 50)" in text and "(default: 1024)" in text and "(default: QUANTILES)" in text
+    assert "--dataset.repo_id str" in text and "--dataset.root=/data/my_dataset \\\n" in text  # usage example

@@ -14,9 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "ki_ablation"))
 
 import run as ablation  # noqa: E402
-from evaluate import wilson_interval  # noqa: E402
 
 from lerobot_ki.cli import make_vlm_corpus  # noqa: E402
+from lerobot_ki.stats import wilson_interval  # noqa: E402
 
 TASK = "button-press-topdown-v3"
 LANGUAGE_TASK = "reach-v3"  # recorded and evaluated in its language-following variant

@@ -9,12 +9,13 @@ frames at the policy's resolution, no shadows), matching the demonstrations' rec
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from lerobot_ki.stats import wilson_interval
 
 
 def load_policy(checkpoint: Path, device: str):
@@ -30,17 +31,6 @@ def load_policy(checkpoint: Path, device: str):
         cfg, pretrained_path=str(checkpoint), preprocessor_overrides={"device_processor": {"device": device}}
     )
     return policy, pre, post
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate (sensible at 0/n and n/n, unlike the normal one)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 class TasksDone:

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from arms import ARMS
-from evaluate import wilson_interval
 
 from lerobot_ki.metaworld_language import LANGUAGE_TASKS
+from lerobot_ki.stats import wilson_interval
 
 
 def _fmt(values: list[float], pct: bool = True, digits: int = 1) -> str:

@@ -7,8 +7,20 @@ lerobot-eval); this script only sequences them, times them and summarises the re
     python examples/metaworld/main_job.py --tasks button-press-topdown-v3,drawer-open-v3,handle-press-v3 \
         --episodes-per-task 30 --steps 20000 --preset real --device cuda     # scaled up
 
-Outputs (under --output-dir, default outputs/main_job): dataset/, fast_tokenizer/, train/ (checkpoints,
-train.log), eval/ (eval_info.json, videos/), losses.png, summary.md.
+Flags this script does not know that start with --policy. or --dataset. go to lerobot-train, after (and
+replacing) the ones the script sets, e.g. for the real preset offline:
+
+    python examples/metaworld/main_job.py --preset real --device cuda \
+        --policy.pretrained_path=$HOME/models/pi05_base \
+        --policy.text_tokenizer=$HOME/models/paligemma_tokenizer \
+        --policy.max_state_dim=32 --policy.max_action_dim=32
+
+The console shows one condensed progress line now and then per stage (episodes recorded, training steps
+with their losses, evaluation batches); each stage's full output goes to a log file.
+
+Outputs (under --output-dir, default outputs/main_job): dataset/, fast_tokenizer/, train/ (checkpoints),
+eval/ (eval_info.json, videos/<task>_<i>/), the stage logs record.log, fit_fast.log, train.log, eval.log,
+losses.png, summary.md.
 """
 
 from __future__ import annotations
@@ -17,6 +29,8 @@ import argparse
 import json
 import os
 import re
+import select
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,43 +61,181 @@ PRESETS = {
 }
 
 
+STAGE_LOGS = ("record.log", "fit_fast.log", "train.log", "eval.log")
+PASS_THROUGH = ("--policy.", "--dataset.")  # unknown flags with these prefixes go to lerobot-train
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default=DEFAULT_TASKS)
-    p.add_argument("--episodes-per-task", type=int, default=10, help="expert demonstrations per task")
-    p.add_argument("--steps", type=int, default=1200, help="training steps")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--chunk-size", type=int, default=20)
-    p.add_argument("--n-action-steps", type=int, default=5)
-    p.add_argument("--eval-episodes", type=int, default=4, help="evaluation episodes per task")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/main_job"))
-    p.add_argument("--seed", type=int, default=0)
+    """This script's flags; `--policy.*` / `--dataset.*` flags it does not know end up in `args.train_extra`
+    (handed to lerobot-train), any other unknown flag is an error."""
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Unknown --policy.* and --dataset.* flags (name=value) are passed on to lerobot-train.",
+    )
+    p.add_argument(
+        "--tasks", default=DEFAULT_TASKS, help="comma-separated Meta-World v3 tasks (default: %(default)s)"
+    )
+    p.add_argument(
+        "--episodes-per-task",
+        type=int,
+        default=10,
+        help="expert demonstrations per task (default: %(default)s)",
+    )
+    p.add_argument("--steps", type=int, default=1200, help="training steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--chunk-size", type=int, default=20, help="action chunk length (default: %(default)s)")
+    p.add_argument(
+        "--n-action-steps", type=int, default=5, help="actions executed per chunk (default: %(default)s)"
+    )
+    p.add_argument(
+        "--eval-episodes", type=int, default=4, help="evaluation episodes per task (default: %(default)s)"
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="(default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="(default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=2, help="dataloader workers (default: %(default)s)")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/main_job"), help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument(
         "--fresh",
         action="store_true",
         help="redo every stage (default: reuse a dataset/tokenizer already made)",
     )
-    return p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    bad = [f for f in unknown if not (f.startswith(PASS_THROUGH) and "=" in f)]
+    if bad:
+        p.error(
+            f"unrecognized arguments: {' '.join(bad)} (only --policy.<name>=<value> and "
+            "--dataset.<name>=<value> are passed on to lerobot-train)"
+        )
+    args.train_extra = unknown
+    return args
 
 
-def run(cmd: list[str], log: Path) -> None:
-    """Runs a stage, streaming its output to `log`; a failure shows the log's tail and stops the job."""
-    print("$ " + " ".join(cmd), flush=True)
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())
-    if proc.returncode != 0:
+def merge_flags(base: list[str], extra: list[str]) -> list[str]:
+    """`base` without the `--name=` flags that `extra` sets again, then `extra` (the user's value wins)."""
+    names = {f.split("=", 1)[0] for f in extra}
+    return [f for f in base if f.split("=", 1)[0] not in names] + list(extra)
+
+
+def train_command(args: argparse.Namespace, repo_id: str, data_dir: Path, fast_dir: Path, train_dir: Path,
+                  log_freq: int) -> list[str]:  # fmt: skip
+    """The lerobot-train command line of the training stage."""
+    base = [
+        "--policy.type=ki_vla", *PRESETS[args.preset],
+        f"--dataset.repo_id={repo_id}", f"--dataset.root={data_dir}",
+        f"--policy.fast_tokenizer_path={fast_dir}", f"--policy.normalization_mapping={NORMALIZATION}",
+        f"--policy.chunk_size={args.chunk_size}", f"--policy.n_action_steps={args.n_action_steps}",
+        "--policy.max_state_dim=8", "--policy.max_action_dim=8",
+        f"--policy.device={args.device}", "--policy.push_to_hub=false",
+        f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--save_freq={args.steps}",
+        f"--log_freq={log_freq}", f"--num_workers={args.num_workers}",
+        f"--seed={args.seed}",
+        f"--output_dir={train_dir}", "--wandb.enable=false",
+    ]  # fmt: skip
+    return [_bin("lerobot-train"), *merge_flags(base, getattr(args, "train_extra", []))]
+
+
+_TQDM = re.compile(r"^\s*(?P<desc>[^|]*?):?\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_TRAIN_KEYS = ("loss", "loss_fast_ce", "loss_flow", "fast_token_acc", "updt_s")
+
+
+class Progress:
+    """Condenses one stage's output to a few console lines: training `step:` lines (step and losses),
+    tqdm bars (count/total, at most one line per `min_interval` seconds for each bar unless it finishes),
+    the lines containing a `keep` string, and a "still running" line after `heartbeat` seconds of console
+    silence. Bars are those whose name starts with a `bars` entry, or (bars=None) all but those in `skip`."""
+
+    def __init__(self, stage: str, log: Path, total_steps: int | None = None, keep: tuple[str, ...] = (),
+                 bars: tuple[str, ...] | None = None, skip: tuple[str, ...] = ("Running rollout",),
+                 min_interval: float = 15.0, heartbeat: float = 120.0, write=None,
+                 clock=time.monotonic):  # fmt: skip
+        self.stage, self.log, self.total_steps = stage, log, total_steps
+        self.keep, self.bars_shown, self.skip = keep, bars, skip
+        self.min_interval, self.heartbeat = min_interval, heartbeat
+        self.write = write or (lambda text: print(text, flush=True))
+        self.clock = clock
+        self.start = self.last_print = clock()
+        self.bars: dict[str, tuple[str, float]] = {}  # desc -> (last count shown, when)
+
+    def _emit(self, text: str) -> None:
+        self.write(f"  [{self.stage} {(self.clock() - self.start) / 60:4.1f} min] {text}")
+        self.last_print = self.clock()
+
+    def feed(self, line: str) -> None:
+        line = _ANSI.sub("", line).strip()  # nested tqdm bars move the cursor with escape codes
+        if not line:
+            return
+        if "step:" in line and "loss" in line:
+            values = dict(re.findall(r"(\w+):([-+0-9.eE]+[KMB]?)\b", line))
+            step = values.get("step", "?")
+            if self.total_steps:
+                step = f"{step}/{self.total_steps}"
+            shown = " ".join(f"{k} {values[k]}" for k in _TRAIN_KEYS if k in values)
+            self._emit(f"step {step}  {shown}")
+            return
+        m = _TQDM.match(line)
+        if m:
+            desc = m["desc"].strip() or "progress"
+            if self.bars_shown is not None:
+                if not desc.startswith(self.bars_shown):
+                    return
+            elif desc.startswith(self.skip):
+                return
+            count = f"{m['n']}/{m['total']}"
+            shown, when = self.bars.get(desc, ("", -1e9))
+            done = m["n"] == m["total"]
+            if count != shown and (done or self.clock() - when >= self.min_interval):
+                self.bars[desc] = (count, self.clock())
+                self._emit(f"{desc} {count}")
+            return
+        if any(k in line for k in self.keep):
+            self._emit(line)
+
+    def tick(self) -> None:
+        if self.clock() - self.last_print >= self.heartbeat:
+            self._emit(f"still running (full output: {self.log})")
+
+
+def run(cmd: list[str], log: Path, progress: Progress | None = None) -> None:
+    """Runs a stage: its whole output (stdout and stderr, byte for byte) goes to `log`, and `progress`
+    shows a condensed view on the console. A failure shows the log's tail and stops the job."""
+    print("$ " + shlex.join(cmd), flush=True)
+    print(f"  (full output: {log})", flush=True)
+    progress = progress or Progress(log.stem, log)
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+        fd, pending = proc.stdout.fileno(), b""
+        while True:
+            ready, _, _ = select.select([fd], [], [], 5.0)
+            if not ready:
+                progress.tick()
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            f.write(chunk)
+            f.flush()
+            # tqdm redraws with "\r": each redraw counts as a line for the console view.
+            *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+            for line in lines:
+                progress.feed(line.decode(errors="replace"))
+            progress.tick()
+        if pending:
+            progress.feed(pending.decode(errors="replace"))
+        proc.stdout.close()
+        returncode = proc.wait()
+    if returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        sys.exit(f"stage failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+        sys.exit(f"stage failed (exit {returncode}); last lines of {log}:\n{tail}")
 
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("MUJOCO_GL", "egl")
     env.setdefault("PYOPENGL_PLATFORM", "egl")
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")  # a value the user set (e.g. 0 to download weights) is kept
     return env
 
 
@@ -153,101 +305,136 @@ def main(argv: list[str] | None = None) -> int:
                 d.with_name(f"{d.name}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(d.stat().st_mtime))}")
             )
 
+    n_stages = 4
     t0 = time.perf_counter()
     summary_json = out / "dataset_summary.json"
+    print(
+        f"[1/{n_stages}] record expert demonstrations ({args.episodes_per_task} per task: {', '.join(tasks)})"
+    )
     if not (data_dir / "meta" / "info.json").exists() or not summary_json.exists():
         shutil.rmtree(data_dir, ignore_errors=True)
+        log = out / "record.log"
         run(
             [sys.executable, str(HERE / "record_dataset.py"), "--tasks", ",".join(tasks),
              "--episodes-per-task", str(args.episodes_per_task), "--root", str(data_dir),
              "--repo-id", repo_id,
-             "--seed", str(args.seed), "--summary-json", str(summary_json), "--no-progress"],
-            out / "record.log",
+             "--seed", str(args.seed), "--summary-json", str(summary_json)],
+            log, Progress("record", log, keep=("frames @", "error:"), bars=("episodes",)),
         )  # fmt: skip
+    else:
+        print(f"  reusing {data_dir} (--fresh to record again)")
     expert = json.loads(summary_json.read_text())
     times["record demonstrations"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    print(f"[2/{n_stages}] fit the FAST tokenizer")
     if not (fast_dir / "tokenizer.json").exists():
+        log = out / "fit_fast.log"
         run(
             [_bin("lerobot-ki-fit-fast"), f"--dataset.repo_id={repo_id}", f"--dataset.root={data_dir}",
              f"--chunk_size={args.chunk_size}", "--vocab_size=1024", "--normalization=MIN_MAX",
              f"--output_dir={fast_dir}"],
-            out / "fit_fast.log",
+            log, Progress("fit FAST", log, keep=("saved to", "mean_tokens", "recon_mae"), bars=()),
         )  # fmt: skip
+    else:
+        print(f"  reusing {fast_dir} (--fresh to fit again)")
     times["fit FAST"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     train_log = out / "train.log"
     log_freq = max(10, args.steps // 60)
+    print(f"[3/{n_stages}] train ki_vla ({args.preset} preset, {args.steps} steps, batch {args.batch_size})")
     run(
-        [_bin("lerobot-train"), "--policy.type=ki_vla", *PRESETS[args.preset],
-         f"--dataset.repo_id={repo_id}", f"--dataset.root={data_dir}",
-         f"--policy.fast_tokenizer_path={fast_dir}", f"--policy.normalization_mapping={NORMALIZATION}",
-         f"--policy.chunk_size={args.chunk_size}", f"--policy.n_action_steps={args.n_action_steps}",
-         "--policy.max_state_dim=8", "--policy.max_action_dim=8",
-         f"--policy.device={args.device}", "--policy.push_to_hub=false",
-         f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--save_freq={args.steps}",
-         f"--log_freq={log_freq}", f"--num_workers={args.num_workers}",
-         f"--seed={args.seed}",
-         f"--output_dir={train_dir}", "--wandb.enable=false"],
+        train_command(args, repo_id, data_dir, fast_dir, train_dir, log_freq),
         train_log,
-    )  # fmt: skip
+        Progress("train", train_log, total_steps=args.steps, keep=("FAST fitted", "Weights from"), bars=()),
+    )
     times["train (lerobot-train)"] = time.perf_counter() - t0
     rows = parse_train_log(train_log.read_text(errors="replace"), log_freq)
     plot_losses(rows, out / "losses.png")
 
     t0 = time.perf_counter()
+    checkpoint = train_dir / "checkpoints" / "last" / "pretrained_model"
+    eval_log = out / "eval.log"
+    print(f"[4/{n_stages}] evaluate in Meta-World ({args.eval_episodes} episodes per task, seeds from 1000)")
     run(
-        [_bin("lerobot-eval"), f"--policy.path={train_dir / 'checkpoints' / 'last' / 'pretrained_model'}",
+        [_bin("lerobot-eval"), f"--policy.path={checkpoint}",
          "--env.type=metaworld", f"--env.task={','.join(tasks)}", f"--eval.n_episodes={args.eval_episodes}",
          "--eval.batch_size=1", "--eval.use_async_envs=false", f"--policy.device={args.device}",
          "--seed=1000", f"--output_dir={eval_dir}"],
-        out / "eval.log",
+        eval_log,
+        Progress("evaluate", eval_log, min_interval=30.0,
+                 bars=("Stepping through eval batches", "Running rollout")),  # fmt: skip
     )  # fmt: skip
     times["evaluate (lerobot-eval)"] = time.perf_counter() - t0
 
-    report = format_report(
-        tasks, expert, json.loads((eval_dir / "eval_info.json").read_text()), rows, times, args
-    )
+    eval_info = json.loads((eval_dir / "eval_info.json").read_text())
+    report = format_report(tasks, expert, eval_info, rows, times, args, checkpoint=checkpoint)
     (out / "summary.md").write_text(report)
     print(report)
-    videos = sorted(eval_dir.glob("videos/**/*.mp4"))
-    print(f"loss plot: {out / 'losses.png'}")
-    print(f"evaluation videos ({len(videos)}): {videos[0].parent if videos else 'none written'}")
+    print(format_outputs(out, checkpoint, video_folders(eval_dir, eval_info)))
     return 0
 
 
-def _task_success(eval_info: dict, task: str) -> tuple[float, int]:
-    """(success %, episodes) of one task in lerobot-eval's eval_info.json."""
+def video_folders(eval_dir: Path, eval_info: dict) -> list[Path]:
+    """Every folder holding evaluation videos (lerobot-eval writes one per task and env index)."""
+    paths = [Path(p) for p in eval_info.get("overall", {}).get("video_paths", [])]
+    paths += list(eval_dir.glob("videos/**/*.mp4"))
+    return sorted({p.parent for p in paths})
+
+
+def format_outputs(out: Path, checkpoint: Path, folders: list[Path]) -> str:
+    lines = [
+        "outputs:",
+        f"  summary:     {out / 'summary.md'}",
+        f"  loss plot:   {out / 'losses.png'}",
+        f"  checkpoint:  {checkpoint}",
+        f"  stage logs:  {', '.join(str(out / n) for n in STAGE_LOGS)}",
+    ]
+    if folders:
+        lines.append(f"  evaluation videos ({len(folders)} folders):")
+        lines += [f"    {f}" for f in folders]
+    else:
+        lines.append("  evaluation videos: none written")
+    return "\n".join(lines)
+
+
+def _task_counts(eval_info: dict, task: str) -> tuple[int, int]:
+    """(successful episodes, episodes) of one task in lerobot-eval's eval_info.json."""
+    lists = [
+        entry.get("metrics", entry).get("successes", [])
+        for entry in eval_info.get("per_task", [])
+        if task in (entry.get("task_group"), entry.get("task"))
+    ]
+    if lists:
+        return sum(int(bool(x)) for lst in lists for x in lst), sum(len(lst) for lst in lists)
     group = eval_info.get("per_group", {}).get(task) or {}
     if "pc_success" in group:
-        return float(group["pc_success"]), int(group.get("n_episodes", 0))
-    for entry in eval_info.get("per_task", []):
-        if entry.get("task_group") == task or entry.get("task") == task:
-            metrics = entry.get("metrics", entry)
-            successes = metrics.get("successes", [])
-            return 100.0 * sum(successes) / max(len(successes), 1), len(successes)
-    return float("nan"), 0
+        n = int(group.get("n_episodes", 0))
+        return round(float(group["pc_success"]) * n / 100), n
+    return 0, 0
 
 
-def format_report(tasks, expert, eval_info, rows, times, args) -> str:
+def format_report(tasks, expert, eval_info, rows, times, args, checkpoint: Path | None = None) -> str:
+    from lerobot_ki.stats import format_successes
+
     lines = [
         f"## ki_vla ({args.preset} preset) on Meta-World: {args.steps} training steps, "
         f"batch {args.batch_size}",
         "",
-        "| task | ki_vla success | eval episodes | scripted expert success | demos |",
-        "|---|---|---|---|---|",
+        "Successes are episodes k/n with the 95% Wilson interval of the rate.",
+        "",
+        "| task | ki_vla success | scripted expert success | demos |",
+        "|---|---|---|---|",
     ]
+    total_k = total_n = 0
     for task in tasks:
-        pc, n = _task_success(eval_info, task)
+        k, n = _task_counts(eval_info, task)
+        total_k, total_n = total_k + k, total_n + n
         e = expert["tasks"].get(task, {})
-        lines.append(
-            f"| {task} | {pc:.0f}% | {n} | {100 * e.get('success_rate', float('nan')):.0f}% "
-            f"| {e.get('kept', '?')} |"
-        )
-    overall = eval_info.get("overall", {}).get("pc_success", float("nan"))
-    lines += ["", f"overall ki_vla success: {overall:.1f}%", ""]
+        expert_cell = format_successes(int(e["successes"]), int(e["attempted"])) if "attempted" in e else "?"
+        lines.append(f"| {task} | {format_successes(k, n)} | {expert_cell} | {e.get('kept', '?')} |")
+    lines += ["", f"overall ki_vla success: {format_successes(total_k, total_n)}", ""]
     if rows:
         first, last = rows[0], rows[-1]
         lines.append(
@@ -256,6 +443,8 @@ def format_report(tasks, expert, eval_info, rows, times, args) -> str:
             f"{last['loss_fast_ce']:.3f}, flow MSE {first['loss_flow']:.3f} -> {last['loss_flow']:.3f}, "
             f"FAST token accuracy {last.get('fast_token_acc', float('nan')):.2f}"
         )
+    if checkpoint is not None:
+        lines += ["", f"checkpoint: `{checkpoint}`"]
     lines += ["", "| stage | wall time |", "|---|---|"]
     lines += [f"| {k} | {v / 60:.1f} min |" for k, v in times.items()]
     lines.append(f"| total | {sum(times.values()) / 60:.1f} min |")

@@ -56,7 +56,8 @@ ACTION_NAMES = ["delta_x", "delta_y", "delta_z", "gripper_effort"]
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install metaworld==3.0.0 "mujoco<3.4"'
-EGL_PACKAGES = "libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0"
+# The same list as scripts/setup_env.sh installs and README names (tests/test_code_layout.py checks).
+EGL_PACKAGES = "libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0 libgles2"
 RENDER_HINT = (
     "Offscreen rendering failed. Run with MUJOCO_GL=egl (headless, software/GPU EGL) and make sure "
     f"the EGL/Mesa libraries are installed, e.g. on Debian/Ubuntu:\n"

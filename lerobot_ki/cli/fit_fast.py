@@ -1,4 +1,4 @@
-"""`lerobot-ki-fit-fast`: fit the FAST action tokenizer on a LeRobot dataset, offline.
+r"""`lerobot-ki-fit-fast`: fit the FAST action tokenizer on a LeRobot dataset, offline.
 
     lerobot-ki-fit-fast --dataset.repo_id=me/my_dataset --dataset.root=/data/my_dataset \
         --chunk_size=50 --vocab_size=1024 --output_dir=outputs/fast_my_dataset
@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import draccus
+import draccus.argparsing
+from draccus.help_formatter import SimpleHelpFormatter
 from lerobot.configs import NormalizationMode
 from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 from lerobot.utils.constants import ACTION
@@ -24,23 +26,49 @@ from lerobot_ki.fast_artifacts import load_action_chunks, normalize_action_chunk
 
 @dataclass
 class DatasetArgs:
-    repo_id: str = ""
-    root: str | None = None
-    episodes: list[int] | None = None
+    repo_id: str = ""  # the LeRobot dataset (required), e.g. me/my_dataset or local/my_dataset
+    root: str | None = None  # its local directory (None: the Hub cache, downloading if allowed)
+    episodes: list[int] | None = None  # episodes to fit on, e.g. [0,1,2] (None: all)
 
 
 @dataclass
 class FitFastArgs:
     dataset: DatasetArgs = field(default_factory=DatasetArgs)
-    chunk_size: int = 50
-    vocab_size: int = 1024
-    scale: float = 10.0
-    max_chunks: int = 4000
+    chunk_size: int = 50  # actions per chunk: the policy's --policy.chunk_size
+    vocab_size: int = 1024  # BPE vocabulary: the policy's --policy.fast_vocab_size
+    scale: float = 10.0  # DCT coefficient scale before rounding: the policy's --policy.fast_scale
+    max_chunks: int = 4000  # action chunks sampled from the dataset for the fit
     normalization: str = "QUANTILES"  # must match the policy's ACTION normalization mode
-    output_dir: str = "outputs/fast_tokenizer"
-    overwrite: bool = False
-    push_to_hub: bool = False
-    hub_repo_id: str | None = None
+    output_dir: str = "outputs/fast_tokenizer"  # where the tokenizer is saved (must be empty)
+    overwrite: bool = False  # allow writing into a non-empty --output_dir
+    push_to_hub: bool = False  # also upload --output_dir to the Hub
+    hub_repo_id: str | None = None  # the Hub repo for --push_to_hub (None: --output_dir's name)
+
+
+class _HelpFormatter(SimpleHelpFormatter):
+    """draccus' formatter, listing each option once: draccus registers a nested config's `--dataset`
+    (config file) option twice and keeps both for the help text."""
+
+    def add_arguments(self, actions) -> None:
+        seen: set[tuple[str, ...]] = set()
+        unique = []
+        for action in actions:
+            key = tuple(action.option_strings)
+            if key and key in seen:
+                continue
+            seen.add(key)
+            unique.append(action)
+        super().add_arguments(unique)
+
+
+def parse_args(argv: list[str] | None = None) -> FitFastArgs:
+    parser = draccus.argparsing.ArgumentParser(
+        config_class=FitFastArgs,
+        formatter_class=_HelpFormatter,
+        prog="lerobot-ki-fit-fast",
+        description=__doc__,
+    )
+    return parser.parse_args(argv)
 
 
 @dataclass
@@ -81,8 +109,8 @@ def fit_from_args(args: FitFastArgs) -> "tuple[FASTTokenizer, dict]":
     return tok, stats
 
 
-@draccus.wrap()
-def main(args: FitFastArgs) -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     tok, stats = fit_from_args(args)
     print(f"FAST tokenizer saved to {args.output_dir}")

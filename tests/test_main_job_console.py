@@ -1,0 +1,151 @@
+"""The main job's console and report, without running the job: flag pass-through to lerobot-train, the
+condensed progress view, the streamed logs, the summary's counts and intervals, the listed outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("main_job_console", ROOT / "examples/metaworld/main_job.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+main_job = _load()
+
+
+def test_unknown_policy_and_dataset_flags_go_to_lerobot_train_and_replace_ours():
+    args = main_job.parse_args(
+        ["--preset", "real", "--policy.text_tokenizer=/m/tok", "--policy.max_state_dim=32",
+         "--dataset.video_backend=pyav"]
+    )  # fmt: skip
+    assert args.preset == "real"
+    assert args.train_extra == ["--policy.text_tokenizer=/m/tok", "--policy.max_state_dim=32",
+                                "--dataset.video_backend=pyav"]  # fmt: skip
+    cmd = main_job.train_command(args, "local/x", Path("/d"), Path("/f"), Path("/t"), log_freq=10)
+    assert cmd[0].endswith("lerobot-train")
+    assert cmd[-3:] == args.train_extra
+    assert "--policy.max_state_dim=8" not in cmd and cmd.count("--policy.max_state_dim=32") == 1
+    assert "--policy.max_action_dim=8" in cmd  # not overridden: ours stays
+    assert all(flag in cmd for flag in main_job.PRESETS["real"])
+    assert "--dataset.root=/d" in cmd and "--steps=1200" in cmd
+
+
+@pytest.mark.parametrize("bad", [["--stepz", "3"], ["--policy.text_tokenizer"], ["--env.type=aloha"]])
+def test_other_unknown_flags_are_refused(bad, capsys):
+    with pytest.raises(SystemExit):
+        main_job.parse_args(bad)
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_progress_condenses_training_lines_and_tqdm_bars():
+    shown, now = [], [0.0]
+    progress = main_job.Progress(
+        "train", Path("/o/train.log"), total_steps=1200, min_interval=15.0, heartbeat=60.0,
+        write=shown.append, clock=lambda: now[0],
+    )  # fmt: skip
+    progress.feed("INFO 2026-11-27 02:00:00 ot_train.py:420 Creating dataset")
+    progress.feed(
+        "INFO 2026-11-27 02:01:00 ot_train.py:470 step:1K smpl:16K ep:80 epch:8.00 loss:0.612 grdn:1.2 "
+        "lr:1.0e-03 updt_s:0.410 data_s:0.01 loss_fast_ce:0.52 loss_flow:0.09 fast_token_acc:0.89"
+    )
+    assert len(shown) == 1
+    assert "step 1K/1200" in shown[0] and "loss_fast_ce 0.52" in shown[0] and "loss_flow 0.09" in shown[0]
+    assert "smpl" not in shown[0]
+    progress.feed("episodes:  10%|#         | 2/20 [00:10<01:30,  5.0s/ep]")
+    progress.feed("episodes:  15%|#5        | 3/20 [00:12<01:30,  5.0s/ep]")  # within 15 s: not shown
+    now[0] = 20.0
+    progress.feed("episodes:  20%|##        | 4/20 [00:20<01:20,  5.0s/ep]")
+    progress.feed("Running rollout with at most 500 steps:  3%|3  | 15/500 [00:02<01:00]")  # never shown
+    progress.feed("episodes: 100%|##########| 20/20 [01:40<00:00,  5.0s/ep]")  # finished: always shown
+    assert [s.split("] ", 1)[1] for s in shown[1:]] == ["episodes 2/20", "episodes 4/20", "episodes 20/20"]
+    now[0] = 200.0
+    progress.tick()
+    assert "still running" in shown[-1] and "/o/train.log" in shown[-1]
+
+
+def test_progress_shows_only_the_bars_named():
+    shown = []
+    progress = main_job.Progress("record", Path("/o/r.log"), bars=("episodes",), min_interval=0.0,
+                                 write=shown.append)  # fmt: skip
+    progress.feed("Map: 100%|##########| 46/46 [00:00<00:00, 900 examples/s]")
+    progress.feed("episodes: 100%|##########| 1/1 [00:25<00:00, 25.51s/ep]")
+    assert len(shown) == 1 and shown[0].endswith("episodes 1/1")
+    progress = main_job.Progress("evaluate", Path("/o/e.log"), bars=("Running rollout",), min_interval=0.0,
+                                 write=shown.append)  # fmt: skip
+    progress.feed(
+        "\x1b[ARunning rollout with at most 500 steps:  73%|#######3  | 363/500 [04:20<01:19]\x1b[A"
+    )
+    assert shown[-1].endswith("Running rollout with at most 500 steps 363/500")
+
+
+def test_run_streams_the_whole_output_to_the_log_and_a_summary_to_the_console(tmp_path, capsys):
+    script = (
+        "import sys\n"
+        "for i in range(1, 4):\n"
+        "    sys.stderr.write(f'\\rbatches: {i * 33}%|###| {i}/3 [00:01<00:01]'); sys.stderr.flush()\n"
+        "print('noise line')\n"
+        "print('INFO step:10 smpl:160 loss:1.5 loss_fast_ce:1.2 loss_flow:0.3')\n"
+    )
+    log = tmp_path / "stage.log"
+    main_job.run([sys.executable, "-c", script], log, main_job.Progress("stage", log, min_interval=0.0))
+    text = log.read_bytes().decode()
+    assert "\rbatches: 33%" in text and "noise line" in text  # byte for byte, tqdm's \r included
+    out = capsys.readouterr().out
+    assert "batches 1/3" in out and "batches 3/3" in out and "step 10" in out and "loss_flow 0.3" in out
+    shown = [line for line in out.splitlines() if line.startswith("  [stage")]
+    assert len(shown) == 4 and not any("noise" in line for line in shown)
+    assert f"full output: {log}" in out
+
+
+def test_failed_stage_stops_with_the_log_tail(tmp_path):
+    log = tmp_path / "bad.log"
+    with pytest.raises(SystemExit) as exc:
+        main_job.run([sys.executable, "-c", "print('the reason'); raise SystemExit(3)"], log)
+    assert "exit 3" in str(exc.value) and "the reason" in str(exc.value)
+
+
+def test_summary_gives_counts_intervals_and_the_checkpoint():
+    eval_info = {
+        "per_task": [
+            {"task_group": "a-v3", "task_id": 0, "metrics": {"successes": [True, False, True, True]}},
+            {"task_group": "b-v3", "task_id": 0, "metrics": {"successes": [False, False, False, False]}},
+        ],
+        "per_group": {"a-v3": {"pc_success": 75.0, "n_episodes": 4},
+                      "b-v3": {"pc_success": 0.0, "n_episodes": 4}},
+        "overall": {"pc_success": 37.5, "n_episodes": 8},
+    }  # fmt: skip
+    expert = {"tasks": {"a-v3": {"attempted": 10, "successes": 10, "kept": 10}, "b-v3": {"attempted": 10,
+              "successes": 9, "kept": 9}}}  # fmt: skip
+    rows = [{"step": 20.0, "loss_fast_ce": 6.9, "loss_flow": 1.5}, {"step": 1200.0, "loss_fast_ce": 0.5,
+            "loss_flow": 0.08, "fast_token_acc": 0.9}]  # fmt: skip
+    args = main_job.parse_args([])
+    ckpt = Path("/o/train/checkpoints/last/pretrained_model")
+    report = main_job.format_report(["a-v3", "b-v3"], expert, eval_info, rows, {"train": 60.0}, args, ckpt)
+    assert "| a-v3 | 3/4 [30%, 95%] | 10/10 [72%, 100%] | 10 |" in report
+    assert "| b-v3 | 0/4 [0%, 49%] | 9/10 [60%, 98%] | 9 |" in report
+    assert "overall ki_vla success: 3/8 [14%, 69%]" in report
+    assert f"checkpoint: `{ckpt}`" in report
+    # per_group only (older eval_info): the count is recovered from the percentage
+    only_groups = {k: v for k, v in eval_info.items() if k != "per_task"}
+    assert "| a-v3 | 3/4 [" in main_job.format_report(["a-v3"], expert, only_groups, [], {}, args)
+
+
+def test_outputs_list_every_video_folder(tmp_path):
+    for folder in ("a-v3_0", "b-v3_0"):
+        (tmp_path / "eval" / "videos" / folder).mkdir(parents=True)
+        (tmp_path / "eval" / "videos" / folder / "eval_episode_0.mp4").write_bytes(b"")
+    folders = main_job.video_folders(tmp_path / "eval", {"overall": {}})
+    assert [f.name for f in folders] == ["a-v3_0", "b-v3_0"]
+    text = main_job.format_outputs(tmp_path, tmp_path / "ckpt", folders)
+    assert "evaluation videos (2 folders)" in text and str(folders[1]) in text
+    assert str(tmp_path / "summary.md") in text and str(tmp_path / "ckpt") in text
+    assert "evaluation videos: none written" in main_job.format_outputs(tmp_path, tmp_path / "c", [])
