@@ -16,12 +16,14 @@ from lerobot_ki.stats import wilson_interval
 
 
 def _fmt(values: list[float], pct: bool = True, digits: int = 1) -> str:
-    """mean ± sd over seeds ("-" when not measured)."""
+    """mean ± sd over seeds (the value alone for one seed, "-" when not measured)."""
     if not values:
         return "-"
     m = statistics.fmean(values)
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
     scale, unit = (100, "%") if pct else (1, "")
+    if len(values) == 1:  # no spread to report from one seed
+        return f"{m * scale:.{digits}f}{unit}"
+    s = statistics.stdev(values)
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}{unit}"
 
 
