@@ -268,7 +268,9 @@ def test_late_then_missing_camera_frame_stops_robot_and_keeps_data(ckpt, env, tm
     run = run_rollout(cmd, env, tmp_path)
     # A camera that delivers nothing is an error LeRobot propagates (exit != 0), after its cleanup.
     assert run.returncode != 0 and "delivered no frame" in run.log, run.tail()
-    assert run.seconds < 25, run.tail()
+    # It stopped at the fault, long before the 30 s duration (robot time: process start-up under load
+    # is not the rollout's to answer for).
+    assert run.events[-1]["t"] - run.events[0]["t"] < 25, run.tail()
     late, missing = run.of("late_frame")[0]["t"], run.of("missing_frame")[0]["t"]
     assert len(run.commands(before=missing)) - len(run.commands(before=late)) >= 10  # went on after it
     # Everything recorded up to the fault is on disk and loads.
@@ -295,7 +297,9 @@ def test_policy_error_under_sync_stops_robot_and_keeps_data(ckpt, env, tmp_path)
     )
     run = run_rollout(cmd, env, tmp_path)
     assert run.returncode != 0 and "contains NaN or Inf" in run.log, run.tail()
-    assert run.seconds < 25, run.tail()
+    # It stopped at the fault, long before the 30 s duration (robot time: process start-up under load
+    # is not the rollout's to answer for).
+    assert run.events[-1]["t"] - run.events[0]["t"] < 25, run.tail()
     first_nan = next(e["t"] for e in run.of("obs") if e["i"] == 15)
     ds = load_recording(tmp_path)
     # Observation 0 is LeRobot's start-pose reading; 1..14 drove the robot and were recorded.
