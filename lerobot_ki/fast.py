@@ -50,6 +50,21 @@ class FASTDecodeError(ValueError):
     """Token ids that cannot be turned back into an action chunk (bad id, wrong length, bad value)."""
 
 
+def encode_input(chunks: ArrayLike, chunk_size: int | None, action_dim: int | None) -> np.ndarray:
+    """(B, T, D) or (T, D) finite chunks -> a float64 (B, T, D) array; what any action tokenizer encodes."""
+    x = to_float64(chunks)
+    if x.ndim == 2:
+        x = x[None]  # (1, T, D)
+    t, d = chunk_size, action_dim
+    if x.ndim != 3 or (t is not None and x.shape[1] != t) or (d is not None and x.shape[2] != d):
+        raise ValueError(
+            f"encode expects action chunks of shape (B, {t or 'T'}, {d or 'D'}) or "
+            f"({t or 'T'}, {d or 'D'}); got shape {tuple(x.shape)}"
+        )
+    check_finite(x, "encode chunks")
+    return x
+
+
 def to_float64(chunks: ArrayLike) -> np.ndarray:
     # torch tensors may live on GPU or be bfloat16 (no numpy equivalent): cast on the torch side first.
     if isinstance(chunks, torch.Tensor):
@@ -189,16 +204,7 @@ class FASTTokenizer:
 
     def encode(self, chunks: ArrayLike) -> list[list[int]]:
         """(B, T, D) or (T, D) chunks -> one list of token ids per chunk."""
-        x = to_float64(chunks)
-        if x.ndim == 2:
-            x = x[None]  # (1, T, D)
-        t, d = self.chunk_size, self.action_dim
-        if x.ndim != 3 or (t is not None and x.shape[1] != t) or (d is not None and x.shape[2] != d):
-            raise ValueError(
-                f"encode expects action chunks of shape (B, {t or 'T'}, {d or 'D'}) or "
-                f"({t or 'T'}, {d or 'D'}); got shape {tuple(x.shape)}"
-            )
-        check_finite(x, "encode chunks")
+        x = encode_input(chunks, self.chunk_size, self.action_dim)  # (B, T, D)
         b = x.shape[0]
         q = _dct_quantize(x, self.scale).reshape(b, -1)  # (B, T*D)
         # Values never seen at fit time have no base token: clip and count rather than crash.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lerobot_ki.fast import ArrayLike, FASTDecodeError, check_finite, id_rows, to_float64
+from lerobot_ki.fast import ArrayLike, FASTDecodeError, encode_input, id_rows, to_float64
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +62,7 @@ class NaiveActionTokenizer:
 
     def encode(self, chunks: ArrayLike) -> list[list[int]]:
         """(B, T, D) or (T, D) normalized chunks -> one list of T*D bin ids per chunk."""
-        x = to_float64(chunks)
-        if x.ndim == 2:
-            x = x[None]  # (1, T, D)
-        t, d = self.chunk_size, self.action_dim
-        if x.ndim != 3 or (t is not None and x.shape[1] != t) or (d is not None and x.shape[2] != d):
-            raise ValueError(
-                f"encode expects action chunks of shape (B, {t or 'T'}, {d or 'D'}) or "
-                f"({t or 'T'}, {d or 'D'}); got shape {tuple(x.shape)}"
-            )
-        check_finite(x, "encode chunks")
+        x = encode_input(chunks, self.chunk_size, self.action_dim)  # (B, T, D)
         self._record_clipping(int((np.abs(x) > 1.0).sum()))
         x = np.clip(x, -1.0, 1.0)
         ids = np.clip(np.floor((x + 1.0) / 2.0 * self.bins), 0, self.bins - 1).astype(np.int64)  # (B, T, D)
