@@ -253,7 +253,10 @@ def parse_train_log(text: str, log_freq: int) -> list[dict[str, float]]:
         if "step:" not in line or "loss_flow:" not in line:
             continue
         row = {}
-        for key, value in re.findall(r"(\w+):([-+0-9.eE]+[KMB]?)\b", line):
+        # From "step:" on: the log prefix before it ("INFO 2026-11-27 02:17:40 ot_train.py:641") also
+        # holds name:number pairs.
+        metrics = line[line.index("step:") :]
+        for key, value in re.findall(r"(?:^|\s)([\w/]+):([-+0-9.eE]+[KMB]?)(?=\s|$)", metrics):
             scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(value[-1], 1)
             try:
                 row[key] = float(value.rstrip("KMB")) * scale
