@@ -62,7 +62,7 @@ def main() -> None:
         )
     ).eval()
     mapped, report = pi05_to_ki_state_dict(pi05.state_dict(), ki, ki.config)
-    ki.load_state_dict(mapped, strict=False)  # fast_tokenizer_state stays empty
+    ki.load_state_dict(mapped, strict=False)  # fast_token_placement keeps its default
     print(report.summary())
 
     g = torch.Generator().manual_seed(1)

@@ -1,13 +1,13 @@
 """Where the action tokenizer (FAST, or naive bins with `--policy.action_tokenizer=naive`) comes from and
 how it travels with a checkpoint.
 
-- `resolve_fast_tokenizer`: the one place that builds the action tokenizer for a config. Naive bins need
-  nothing; FAST comes from a configured directory, else is fitted on the training dataset's action chunks
-  (normalized exactly as the processor normalizes them). The policy and the processor each resolve their
-  own (the fit is deterministic: the same bytes); callers that have one hand it to both.
+- `resolve_fast_tokenizer`: the one place that builds the action tokenizer for a new run, called by the
+  processor factory (the preprocessor's FAST step owns the tokenizer and saves the one copy). Naive bins
+  need nothing; FAST comes from a configured directory (`configured_action_tokenizer`), else is fitted on
+  the training dataset's action chunks (normalized exactly as the processor normalizes them).
 - `fast_to_tensor` / `fast_from_tensor`: the tokenizer's saved files as one uint8 tensor, so it is part
-  of the processor state and of the policy's `model.safetensors`: whatever uploads or copies those
-  carries it, and loading needs no network.
+  of the processor state: whatever uploads or copies the checkpoint carries it, and loading needs no
+  network.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ ActionTokenizer = FASTTokenizer | NaiveActionTokenizer  # what `config.action_to
 
 logger = logging.getLogger(__name__)
 
-FAST_STATE_KEY = "fast_tokenizer_state"  # the policy buffer holding `fast_to_tensor`'s bytes
+# Where checkpoints written before 2026-11-27 also kept the tokenizer: a buffer of model.safetensors.
+LEGACY_FAST_STATE_KEY = "fast_tokenizer_state"
 
 
 def fast_to_tensor(tok: ActionTokenizer) -> torch.Tensor:
@@ -102,10 +103,9 @@ def fit_fast_on_dataset(
     return tok, tok.stats(chunks)
 
 
-def resolve_fast_tokenizer(config: Any, dataset_stats: dict | None) -> ActionTokenizer | None:
-    """The action tokenizer for this run. `action_tokenizer=naive`: 256 bins per value (nothing to fit).
-    FAST: `config.fast_tokenizer_path`, else fitted on the dataset LeRobot is training on (`make_policy`
-    sets `config._runtime_dataset_meta`), else None."""
+def configured_action_tokenizer(config: Any) -> ActionTokenizer | None:
+    """The action tokenizer the config alone determines: naive bins (`action_tokenizer=naive`), or FAST
+    loaded from `fast_tokenizer_path`; None when FAST is to be fitted on a dataset."""
     tok = None
     if config.action_tokenizer == "naive":
         tok = NaiveActionTokenizer(config.chunk_size, _action_dim(config))
@@ -113,9 +113,20 @@ def resolve_fast_tokenizer(config: Any, dataset_stats: dict | None) -> ActionTok
             error = naive_budget_error(config.chunk_size, tok.action_dim, config.max_fast_tokens)
             if error:
                 raise ValueError(error)
-        logger.info("Naive action tokens: %s, max_fast_tokens=%d", tok, config.max_fast_tokens)
     elif config.fast_tokenizer_path:
         tok = FASTTokenizer.from_pretrained(config.fast_tokenizer_path)
+    if tok is not None:
+        _check_shape(tok, config)
+    return tok
+
+
+def resolve_fast_tokenizer(config: Any, dataset_stats: dict | None) -> ActionTokenizer | None:
+    """The action tokenizer of a new run: `configured_action_tokenizer`, else FAST fitted on the dataset
+    LeRobot is training on (its `make_policy` sets `config._runtime_dataset_meta`), else None."""
+    tok = configured_action_tokenizer(config)
+    if tok is not None and config.action_tokenizer == "naive":
+        logger.info("Naive action tokens: %s, max_fast_tokens=%d", tok, config.max_fast_tokens)
+    elif tok is not None:
         logger.info("FAST tokenizer loaded from %s: %s", config.fast_tokenizer_path, tok)
     else:
         meta = getattr(config, "_runtime_dataset_meta", None)
@@ -138,8 +149,6 @@ def resolve_fast_tokenizer(config: Any, dataset_stats: dict | None) -> ActionTok
                     stats["p99_tokens"],
                     config.max_fast_tokens,
                 )
-    if tok is not None:
-        _check_shape(tok, config)
     return tok
 
 

@@ -19,13 +19,13 @@ from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.cuda_graphs import GraphedSampler
 from lerobot_ki.fast import FASTDecodeError
 from lerobot_ki.fast_artifacts import (
-    FAST_STATE_KEY,
+    LEGACY_FAST_STATE_KEY,
     ActionTokenizer,
+    configured_action_tokenizer,
     fast_from_tensor,
-    fast_to_tensor,
-    resolve_fast_tokenizer,
 )
 from lerobot_ki.model_inputs import ModelInputs, robot_inputs
+from lerobot_ki.processor_ki import fast_tokenizer_of_checkpoint
 from lerobot_ki.vla_model import KIModel
 from lerobot_ki.vlm_cotraining import STATE_KEY, VLMCoTraining
 from lerobot_ki.weights import (
@@ -50,7 +50,7 @@ class KIPolicy(PreTrainedPolicy):
     def __init__(
         self,
         config: KIConfig,
-        dataset_stats: dict | None = None,
+        dataset_stats: dict | None = None,  # LeRobot's factory passes it; normalizing is the processor's
         fast_tokenizer: ActionTokenizer | None = None,
         **kwargs,
     ):
@@ -62,14 +62,11 @@ class KIPolicy(PreTrainedPolicy):
         self._graphed: GraphedSampler | None = None  # on CUDA, built at the first flow inference
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        # The action tokenizer (FAST or naive bins) rides in model.safetensors; a checkpoint being loaded
-        # brings its own.
-        fast = fast_tokenizer
-        if fast is None and not kwargs.get("_weights_follow"):
-            fast = resolve_fast_tokenizer(config, dataset_stats)
-        blob = fast_to_tensor(fast) if fast is not None else torch.zeros(0, dtype=torch.uint8)
-        self.register_buffer(FAST_STATE_KEY, blob)
-        self._fast = fast
+        # The action tokenizer (FAST or naive bins) is owned and saved by the preprocessor's FAST step,
+        # which encodes the training targets. The policy needs it only to decode `inference_mode=fast`:
+        # handed in here, read from the checkpoint's preprocessor by `from_pretrained`, or made from the
+        # config (see `fast_tokenizer`).
+        self._fast = fast_tokenizer
         if config.paligemma_pretrained_path and not kwargs.get("_weights_follow"):
             report = load_paligemma_backbone(self, config, config.paligemma_pretrained_path)
             logger.info(report.summary())
@@ -94,9 +91,12 @@ class KIPolicy(PreTrainedPolicy):
         if is_pi05_checkpoint(pretrained_name_or_path, kwargs.get("revision"), ours=cls.name):
             return cls._start_from_pi05(pretrained_name_or_path, config, kwargs)
         kwargs.pop("_weights_follow", None)
-        return super().from_pretrained(
+        policy = super().from_pretrained(
             pretrained_name_or_path, config=config, strict=strict, _weights_follow=True, **kwargs
         )
+        if policy._fast is None:  # not in a pre-refactor model.safetensors (see _load_from_state_dict)
+            policy._fast = fast_tokenizer_of_checkpoint(pretrained_name_or_path, kwargs.get("revision"))
+        return policy
 
     @classmethod
     def _start_from_pi05(cls, source: str | Path, config: KIConfig | None, kwargs: dict) -> KIPolicy:
@@ -139,20 +139,21 @@ class KIPolicy(PreTrainedPolicy):
             state_dict.pop(vlm_key, None)
         elif vlm_key not in state_dict:
             state_dict[vlm_key] = self.vlm_cotraining.state.clone()
-        # The FAST tokenizer blob has the size of the saved tokenizer, not of the empty placeholder.
-        key = prefix + FAST_STATE_KEY
-        if key in state_dict:
-            self.fast_tokenizer_state = torch.empty_like(
-                state_dict[key], device=self.fast_tokenizer_state.device
-            )
-            self._fast = None
+        # Checkpoints written before the preprocessor became the tokenizer's one owner also kept a copy in
+        # model.safetensors: use it (their preprocessor holds the same bytes) rather than refuse the key.
+        legacy = state_dict.pop(prefix + LEGACY_FAST_STATE_KEY, None)
+        if legacy is not None and legacy.numel() > 0:
+            self._fast = fast_from_tensor(legacy)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def fast_tokenizer(self) -> ActionTokenizer | None:
-        """The action tokenizer: FAST, or naive bins with `action_tokenizer=naive`."""
-        if self._fast is None and self.fast_tokenizer_state.numel() > 0:
-            self._fast = fast_from_tensor(self.fast_tokenizer_state)
+        """The action tokenizer (FAST, or naive bins with `action_tokenizer=naive`) that decodes
+        `inference_mode=fast`: the one handed to the constructor or set here, else the checkpoint
+        preprocessor's (`from_pretrained`), else what the config alone determines (naive bins, or
+        `fast_tokenizer_path`). None when it is fitted on a dataset and this policy was not given it."""
+        if self._fast is None:
+            self._fast = configured_action_tokenizer(self.config)
         if self._fast is not None and self._fast.kind != self.config.action_tokenizer:
             raise ValueError(
                 f"This checkpoint's action tokenizer is {self._fast.kind!r} but action_tokenizer="
@@ -160,6 +161,10 @@ class KIPolicy(PreTrainedPolicy):
                 f"--policy.action_tokenizer={self._fast.kind}."
             )
         return self._fast
+
+    @fast_tokenizer.setter
+    def fast_tokenizer(self, tokenizer: ActionTokenizer | None) -> None:
+        self._fast = tokenizer
 
     def get_optim_params(self):
         return self.parameters()
@@ -296,7 +301,13 @@ class KIPolicy(PreTrainedPolicy):
         more than `fast_decode_max_failures` happened."""
         tok = self.fast_tokenizer
         if tok is None:
-            raise ValueError("inference_mode=fast needs the FAST tokenizer, and this checkpoint has none.")
+            raise ValueError(
+                "inference_mode=fast needs the FAST tokenizer that encoded the training actions. It is saved "
+                "with the preprocessor (policy_preprocessor*.json / .safetensors): load the policy with "
+                "from_pretrained from a checkpoint folder or Hub repo that has them, set "
+                "policy.fast_tokenizer = fast_tokenizer_of(preprocessor), or pass "
+                "--policy.fast_tokenizer_path=DIR (lerobot-ki-fit-fast)."
+            )
         layout = self.model.layout
         ids = self.model.generate(inputs, self.config.max_fast_tokens, layout.eos_id, layout.fast_lm_range())
         rows = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from lerobot.utils.constants import (
     OBS_LANGUAGE_ATTENTION_MASK,
     OBS_LANGUAGE_TOKENS,
     OBS_STATE,
+    POLICY_PREPROCESSOR_DEFAULT_NAME,
 )
 
 from lerobot_ki.configuration_ki import KIConfig
@@ -47,6 +49,7 @@ from lerobot_ki.vocabulary import VocabLayout, fast_to_lm, vocab_layout
 logger = logging.getLogger(__name__)
 
 STATE_BINS = 256
+PREPROCESSOR_FILE = f"{POLICY_PREPROCESSOR_DEFAULT_NAME}.json"  # what lerobot-train saves next to the weights
 
 
 def _bytes_tensor(text: str) -> torch.Tensor:
@@ -307,6 +310,32 @@ def make_ki_vla_pre_post_processors(
     ]
     output_steps: list[ProcessorStep] = [steps.unnormalize, steps.to_cpu]
     return make_policy_processor_pipelines(input_steps=input_steps, output_steps=output_steps)
+
+
+def fast_tokenizer_of(preprocessor: PolicyProcessorPipeline) -> ActionTokenizer | None:
+    """The action tokenizer held by a ki_vla preprocessor's FAST step (its one saved copy)."""
+    for step in preprocessor.steps:
+        if isinstance(step, KIFastTokenizerStep):
+            return step.fast_tokenizer
+    raise ValueError("This preprocessor has no ki_vla FAST tokenizer step.")
+
+
+def fast_tokenizer_of_checkpoint(source: str | Path, revision: str | None = None) -> ActionTokenizer | None:
+    """The action tokenizer saved with a checkpoint (local folder or Hub repo): its preprocessor's, loaded
+    by LeRobot's pipeline loader. None when the checkpoint has no preprocessor files (a bare
+    `save_pretrained`)."""
+    from lerobot_ki.weights import checkpoint_file
+
+    if checkpoint_file(source, PREPROCESSOR_FILE, revision, optional=True) is None:
+        return None
+    preprocessor = PolicyProcessorPipeline.from_pretrained(
+        source,
+        config_filename=PREPROCESSOR_FILE,
+        revision=revision,
+        # Only the FAST step's state is wanted: keep the device step off any accelerator.
+        overrides={"device_processor": {"device": "cpu"}},
+    )
+    return fast_tokenizer_of(preprocessor)
 
 
 def text_tokenizer_of(preprocessor: PolicyProcessorPipeline) -> TextTokenizer:

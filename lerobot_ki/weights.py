@@ -26,7 +26,6 @@ import torch
 from torch import Tensor, nn
 
 from lerobot_ki.configuration_ki import PALIGEMMA_TOKENIZER, KIConfig
-from lerobot_ki.fast_artifacts import FAST_STATE_KEY
 from lerobot_ki.variants import VISION_VARIANTS
 from lerobot_ki.vla_model import PLACEMENT_KEY
 from lerobot_ki.vlm_cotraining import STATE_KEY
@@ -44,7 +43,6 @@ PALIGEMMA = "model.paligemma_with_expert.paligemma."
 EXPERT = "model.paligemma_with_expert.gemma_expert."
 EMBED = PALIGEMMA + "model.language_model.embed_tokens.weight"
 LM_HEAD = PALIGEMMA + "lm_head.weight"
-FAST_STATE = FAST_STATE_KEY
 # pi05's top-level modules besides the two towers; their old openpi names are renamed on the way in.
 PI05_HEADS = ("action_in_proj.", "action_out_proj.", "time_mlp_in.", "time_mlp_out.", "state_proj.")
 LEGACY_RENAMES = {"action_time_mlp_in.": "time_mlp_in.", "action_time_mlp_out.": "time_mlp_out."}
@@ -65,7 +63,6 @@ WHY_PI0_STATE_PROJ = (
     "continuous state token projects into the backbone, a different map)"
 )
 WHY_SIGLIP_HEAD = "SigLIP's attention-pooling head: PaliGemma feeds every patch token, the head is unused"
-WHY_FAST_STATE = "the FAST tokenizer is fitted on the fine-tuning dataset (the checkpoint has none)"
 FAST_PLACEMENT = "model." + PLACEMENT_KEY
 WHY_FAST_PLACEMENT = (
     "FAST ids take this version's place in the vocabulary (below PaliGemma's <loc> tokens; after the "
@@ -160,7 +157,7 @@ def _drop_reason(key: str) -> str | None:
 
 
 # What ki_vla adds to any imported checkpoint: the FAST tokenizer and where its ids sit.
-KI_ONLY = {FAST_STATE: WHY_FAST_STATE, FAST_PLACEMENT: WHY_FAST_PLACEMENT}
+KI_ONLY = {FAST_PLACEMENT: WHY_FAST_PLACEMENT}
 
 
 def _pi05_new_reason(key: str) -> str | None:

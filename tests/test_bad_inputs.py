@@ -10,6 +10,7 @@ from lerobot.configs import FeatureType, PolicyFeature
 from synthetic_dataset import make_dataset
 from tiny_setup import CAMERAS, build, tiny_config
 
+from lerobot_ki.fast_artifacts import fast_to_tensor
 from lerobot_ki.modeling_ki import KIPolicy
 from lerobot_ki.processor_ki import make_ki_vla_pre_post_processors
 
@@ -186,3 +187,16 @@ def test_undecodable_fast_sequences_are_counted_or_raise(setup, caplog):
             policy.predict_action_chunk(batch)
     finally:
         policy.config.inference_mode, policy.config.fast_decode_max_failures = "flow", -1
+
+
+def test_fast_decoding_without_the_tokenizer_says_where_it_is_saved(setup, tmp_path):
+    policy, pre, _, ds = setup
+    policy.save_pretrained(tmp_path)  # the weights alone: the FAST tokenizer is the preprocessor's state
+    loaded = KIPolicy.from_pretrained(tmp_path)
+    assert loaded.fast_tokenizer is None
+    loaded.config.inference_mode = "fast"
+    with pytest.raises(ValueError, match="saved with the preprocessor"):
+        loaded.predict_action_chunk(pre(_obs(_raw(ds))))
+    pre.save_pretrained(tmp_path)  # with it, from_pretrained finds the one saved copy
+    reloaded = KIPolicy.from_pretrained(tmp_path).fast_tokenizer
+    assert torch.equal(fast_to_tensor(reloaded), fast_to_tensor(policy.fast_tokenizer))

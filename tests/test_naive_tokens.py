@@ -20,7 +20,11 @@ from lerobot_ki.fast import FASTDecodeError
 from lerobot_ki.fast_artifacts import fast_from_tensor, fast_to_tensor
 from lerobot_ki.modeling_ki import KIPolicy
 from lerobot_ki.naive_tokens import NaiveActionTokenizer
-from lerobot_ki.processor_ki import KIFastTokenizerStep, make_ki_vla_pre_post_processors
+from lerobot_ki.processor_ki import (
+    KIFastTokenizerStep,
+    fast_tokenizer_of_checkpoint,
+    make_ki_vla_pre_post_processors,
+)
 from lerobot_ki.vocabulary import PALIGEMMA_LOC_IDS, vocab_layout
 
 T, D = 10, ACTION_DIM
@@ -167,8 +171,8 @@ def test_train_save_reload_and_fast_decode(dataset_root, tmp_path):
     loaded = KIPolicy.from_pretrained(out)
     pre_l, _ = make_pre_post_processors(loaded.config, pretrained_path=str(out))
     assert loaded.config.action_tokenizer == "naive"
-    assert torch.equal(loaded.fast_tokenizer_state, policy.fast_tokenizer_state)
     assert isinstance(loaded.fast_tokenizer, NaiveActionTokenizer)
+    assert (loaded.fast_tokenizer.chunk_size, loaded.fast_tokenizer.action_dim) == (T, D)
     step = next(s for s in pre_l.steps if isinstance(s, KIFastTokenizerStep))
     assert isinstance(step.fast_tokenizer, NaiveActionTokenizer)
     assert torch.equal(batch_of(ds, pre_l, range(4))[ACTION_TOKENS], batch[ACTION_TOKENS])
@@ -196,7 +200,7 @@ def test_train_save_reload_and_fast_decode(dataset_root, tmp_path):
 
 def test_checkpoint_kind_must_match_config():
     cfg = tiny_config(action_tokenizer="naive")
-    policy = KIPolicy(cfg)
+    policy = KIPolicy(cfg, fast_tokenizer=NaiveActionTokenizer(T, D))  # as loaded from its checkpoint
     policy.config.action_tokenizer = "fast"  # e.g. --policy.action_tokenizer=fast on a naive checkpoint
     with pytest.raises(ValueError, match="action_tokenizer=naive"):
         _ = policy.fast_tokenizer
@@ -224,8 +228,9 @@ def test_lerobot_train_with_naive_tokens(dataset_root, offline_env, tiny_train_a
     ce = logged_metric(log, "loss_fast_ce")
     assert len(ce) == 2 and all(math.isfinite(v) and v > 0 for v in ce)
     pm = out / "checkpoints" / "000002" / "pretrained_model"
-    tok = fast_from_tensor(load_file(pm / "model.safetensors")["fast_tokenizer_state"])
+    tok = fast_tokenizer_of_checkpoint(pm)  # the preprocessor's copy, the only one saved
     assert isinstance(tok, NaiveActionTokenizer) and (tok.chunk_size, tok.action_dim) == (T, D)
+    assert "fast_tokenizer_state" not in load_file(pm / "model.safetensors")
     loaded = KIPolicy.from_pretrained(pm)
     assert loaded.config.action_tokenizer == "naive"
     assert ACTION in loaded.config.output_features

@@ -28,18 +28,17 @@ from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
 from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.modeling_ki import KIPolicy
+from lerobot_ki.processor_ki import fast_tokenizer_of_checkpoint
 from lerobot_ki.variants import TINY_BACKBONE, TINY_SIGLIP
 from lerobot_ki.vocabulary import PALIGEMMA_VOCAB_SIZE
 from lerobot_ki.weights import (
     EMBED,
     EXPERT,
     FAST_PLACEMENT,
-    FAST_STATE,
     LM_HEAD,
     PALIGEMMA,
     WHY_EXPERT_LM_HEAD,
     WHY_FAST_PLACEMENT,
-    WHY_FAST_STATE,
     WHY_NOT_PALIGEMMA,
     WHY_SIGLIP_HEAD,
     WHY_STATE_PROJ,
@@ -113,9 +112,7 @@ def _write_pi05_checkpoint(root: Path, source: KIPolicy, cfg: KIConfig) -> Path:
     """`source`'s weights as lerobot/pi05_base stores them: no `model.` prefix, openpi's
     `action_time_mlp_*`, only the LM head of the (tied) embedding pair, and the expert LM head pi05
     carries. Plus pi05 processors that must never be read (they name a step nobody registered)."""
-    sd = {
-        k: v.clone() for k, v in source.state_dict().items() if k not in (FAST_STATE, FAST_PLACEMENT, EMBED)
-    }
+    sd = {k: v.clone() for k, v in source.state_dict().items() if k not in (FAST_PLACEMENT, EMBED)}
     pi05 = {}
     for key, value in sd.items():
         key = key.removeprefix("model.").replace("time_mlp_", "action_time_mlp_")
@@ -184,7 +181,7 @@ def test_every_pi05_key_maps_onto_ki_vla_at_full_size(state_mode):
     pi05 = _on_meta(PI05Policy, PI05Config(device="cpu"))
     ki = _on_meta(KIPolicy, KIConfig(device="cpu", state_mode=state_mode))
     pi05_sd, ki_sd = pi05.state_dict(), ki.state_dict()
-    new = {FAST_STATE: WHY_FAST_STATE, FAST_PLACEMENT: WHY_FAST_PLACEMENT}
+    new = {FAST_PLACEMENT: WHY_FAST_PLACEMENT}
     if state_mode == "continuous":
         new |= {"model.state_proj.weight": WHY_STATE_PROJ, "model.state_proj.bias": WHY_STATE_PROJ}
 
@@ -210,7 +207,7 @@ def test_pi05_hub_layout_maps_at_full_size():
         if k != EMBED
     }
     mapped, report = pi05_to_ki_state_dict(hub, ki, ki.config)
-    assert set(mapped) == set(ki.state_dict()) - {FAST_STATE, FAST_PLACEMENT}
+    assert set(mapped) == set(ki.state_dict()) - {FAST_PLACEMENT}
     assert mapped[EMBED] is mapped[LM_HEAD] is hub[LM_HEAD.removeprefix("model.")]
     assert sorted(report.renamed.values()) == [
         f"model.time_mlp_{io}.{p}" for io in ("in", "out") for p in ("bias", "weight")
@@ -257,7 +254,7 @@ def test_paligemma_3b_maps_onto_the_backbone_at_full_size():
     backbone = {k for k in ki_sd if k.startswith(PALIGEMMA)}
     assert set(mapped) == backbone
     assert set(report.new) == set(ki_sd) - backbone
-    assert set(report.new.values()) == {WHY_NOT_PALIGEMMA, WHY_FAST_STATE, WHY_FAST_PLACEMENT}
+    assert set(report.new.values()) == {WHY_NOT_PALIGEMMA, WHY_FAST_PLACEMENT}
     assert all(tuple(mapped[k].shape) == tuple(ki_sd[k].shape) for k in mapped)
     assert tuple(hf_sd["lm_head.weight"].shape) == (257216, 2048)
     assert tuple(mapped[EMBED].shape) == (PALIGEMMA_VOCAB_SIZE, 2048)
@@ -278,10 +275,10 @@ def test_pi05_checkpoint_loads_value_for_value_and_drives_the_actions(pi05_sourc
     assert cfg.repo_id is None  # pi05's Hub identity is not ours
     assert loaded.name_or_path == str(ckpt)
     ours, theirs = loaded.state_dict(), source.state_dict()
+    assert ours.keys() == theirs.keys()
     for key in ours:
-        if key != FAST_STATE:
-            assert torch.equal(ours[key], theirs[key]), key
-    assert loaded.fast_tokenizer_state.numel() == 0  # new: fitted on the fine-tuning dataset
+        assert torch.equal(ours[key], theirs[key]), key
+    assert loaded.fast_tokenizer is None  # pi05 has none: the processor fits it on the fine-tuning data
 
     after = _actions(loaded, cfg)
     assert torch.equal(after, _actions(source, cfg))
@@ -340,7 +337,9 @@ def test_lerobot_train_starts_from_a_pi05_checkpoint(
     ]
     assert "ki_vla_fast_tokenizer" in steps
     weights = load_file(saved / "model.safetensors")
-    assert weights[FAST_STATE].numel() > 0  # FAST fitted on the dataset and saved with the policy
+    # FAST fitted on the dataset, saved once: with the preprocessor, not in the weights.
+    assert "fast_tokenizer_state" not in weights
+    assert fast_tokenizer_of_checkpoint(saved) is not None
     # Two optimizer steps move a weight by ~2 lr; a fresh initialisation would be far off.
     key = PALIGEMMA + "model.language_model.layers.0.self_attn.q_proj.weight"
     assert torch.allclose(weights[key], source.state_dict()[key], atol=5e-3)
