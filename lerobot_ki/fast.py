@@ -104,7 +104,29 @@ def _dct_quantize(x: np.ndarray, scale: float) -> np.ndarray:
     return np.rint(dct(x, type=2, norm="ortho", axis=1) * scale)
 
 
-class FASTTokenizer:
+class ClipCounter:
+    """Counts the values an action tokenizer's `encode` clipped, so that a long training run logs
+    out-of-range data instead of crashing on it, and warns through `_warn_clipping` on the 1st, 2nd, 4th,
+    8th ... clipping call so that the log is not flooded. The subclass's `__init__` sets the counters."""
+
+    clipped_total: int  # values clipped over all encode calls
+    last_encode_clipped: int  # same, for the latest encode call only
+    _clip_events: int  # encode calls that clipped anything
+
+    def _record_clipping(self, count: int) -> None:
+        self.last_encode_clipped = count
+        if count == 0:
+            return
+        self.clipped_total += count
+        self._clip_events += 1
+        if self._clip_events & (self._clip_events - 1) == 0:
+            self._warn_clipping(count)
+
+    def _warn_clipping(self, count: int) -> None:
+        raise NotImplementedError
+
+
+class FASTTokenizer(ClipCounter):
     """DCT + BPE action tokenizer. Build with :meth:`fit` or :meth:`from_pretrained`."""
 
     kind = "fast"  # `--policy.action_tokenizer` value (the other is `naive_tokens.NaiveActionTokenizer`)
@@ -215,23 +237,16 @@ class FASTTokenizer:
         texts = ["".join(map(chr, (row + offset).tolist())) for row in q]
         return [enc.ids for enc in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
-    def _record_clipping(self, count: int) -> None:
-        self.last_encode_clipped = count
-        if count == 0:
-            return
-        self.clipped_total += count
-        self._clip_events += 1
-        # Warn on the 1st, 2nd, 4th, 8th ... clipping call so long runs are not flooded.
-        if self._clip_events & (self._clip_events - 1) == 0:
-            logger.warning(
-                "FAST encode clipped %d DCT integers into the fit range [%d, %d] "
-                "(%d clipped in total over %d calls); actions may be outside the normalized range",
-                count,
-                self.min_token,
-                self.max_token,
-                self.clipped_total,
-                self._clip_events,
-            )
+    def _warn_clipping(self, count: int) -> None:
+        logger.warning(
+            "FAST encode clipped %d DCT integers into the fit range [%d, %d] "
+            "(%d clipped in total over %d calls); actions may be outside the normalized range",
+            count,
+            self.min_token,
+            self.max_token,
+            self.clipped_total,
+            self._clip_events,
+        )
 
     def decode(
         self,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lerobot_ki.fast import ArrayLike, FASTDecodeError, encode_input, id_rows, to_float64
+from lerobot_ki.fast import ArrayLike, ClipCounter, FASTDecodeError, encode_input, id_rows, to_float64
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def naive_budget_error(chunk_size: int, action_dim: int, max_fast_tokens: int) -
     )
 
 
-class NaiveActionTokenizer:
+class NaiveActionTokenizer(ClipCounter):
     """256 uniform bins over [-1, 1] per action value; same duck-typed interface as `FASTTokenizer`."""
 
     kind = "naive"
@@ -68,20 +68,14 @@ class NaiveActionTokenizer:
         ids = np.clip(np.floor((x + 1.0) / 2.0 * self.bins), 0, self.bins - 1).astype(np.int64)  # (B, T, D)
         return ids.reshape(ids.shape[0], -1).tolist()
 
-    def _record_clipping(self, count: int) -> None:
-        self.last_encode_clipped = count
-        if count == 0:
-            return
-        self.clipped_total += count
-        self._clip_events += 1
-        if self._clip_events & (self._clip_events - 1) == 0:  # 1st, 2nd, 4th, 8th ... call
-            logger.warning(
-                "naive action tokens: %d normalized action values outside [-1, 1] clipped "
-                "(%d in total over %d calls)",
-                count,
-                self.clipped_total,
-                self._clip_events,
-            )
+    def _warn_clipping(self, count: int) -> None:
+        logger.warning(
+            "naive action tokens: %d normalized action values outside [-1, 1] clipped "
+            "(%d in total over %d calls)",
+            count,
+            self.clipped_total,
+            self._clip_events,
+        )
 
     def decode(
         self,

@@ -174,6 +174,13 @@ def test_rerun_skips_finished_runs(experiment, capsys):
     assert "done already" in capsys.readouterr().out
 
 
+def test_a_failed_stage_raises_in_the_runner(tmp_path):
+    """The run at hand must stop with the stage's log tail (a worker then exits non-zero)."""
+    with pytest.raises(RuntimeError, match="exit 3") as err:
+        ablation.run([sys.executable, "-c", "print('the reason'); raise SystemExit(3)"], tmp_path / "s.log")
+    assert "the reason" in str(err.value)
+
+
 def test_unknown_arm_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown arm"):
         ablation.main(["--arms", "ki,jiont", "--output-dir", str(tmp_path / "x")])

@@ -107,10 +107,28 @@ def test_run_streams_the_whole_output_to_the_log_and_a_summary_to_the_console(tm
 
 
 def test_failed_stage_stops_with_the_log_tail(tmp_path):
-    log = tmp_path / "bad.log"
+    log, failing = tmp_path / "bad.log", [sys.executable, "-c", "print('the reason'); raise SystemExit(3)"]
     with pytest.raises(SystemExit) as exc:
-        main_job.run([sys.executable, "-c", "print('the reason'); raise SystemExit(3)"], log)
+        main_job.run(failing, log)
     assert "exit 3" in str(exc.value) and "the reason" in str(exc.value)
+    # run_stage, which the ablation runner uses, raises instead: the caller decides what a failure stops.
+    with pytest.raises(RuntimeError, match="exit 3") as err:
+        main_job.run_stage(failing, log)
+    assert isinstance(err.value, main_job.StageError) and "the reason" in str(err.value)
+
+
+def test_training_metrics_are_read_from_step_on():
+    """Progress and parse_train_log read a line alike, and never the log prefix's time or file:line."""
+    line = ("INFO 2026-11-27 02:17:40 ot_train.py:641 step:1K smpl:16K loss:0.61 lr:1.0e-03 "
+            "train/fast_token_acc:0.9 loss_fast_ce:0.52 loss_flow:0.09")  # fmt: skip
+    assert main_job._step_metrics(line) == {
+        "step": "1K", "smpl": "16K", "loss": "0.61", "lr": "1.0e-03", "train/fast_token_acc": "0.9",
+        "loss_fast_ce": "0.52", "loss_flow": "0.09",
+    }  # fmt: skip
+    assert main_job._step_metrics("INFO 2026-11-27 02:17:40 ot_train.py:420 Creating dataset") == {}
+    (row,) = main_job.parse_train_log(line, log_freq=1000)
+    assert row == {"step": 1000.0, "smpl": 16000.0, "loss": 0.61, "lr": 1e-3, "train/fast_token_acc": 0.9,
+                   "loss_fast_ce": 0.52, "loss_flow": 0.09}  # fmt: skip
 
 
 def test_summary_gives_counts_intervals_and_the_checkpoint():

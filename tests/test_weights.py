@@ -23,7 +23,7 @@ from lerobot.utils.constants import (
 )
 from safetensors.torch import load_file, save_file
 from synthetic_dataset import ACTION_DIM, STATE_DIM
-from tiny_setup import tiny_config
+from tiny_setup import EXPERT_LM_HEAD, tiny_config, write_pi05_checkpoint
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
 from lerobot_ki.configuration_ki import KIConfig
@@ -49,7 +49,6 @@ from lerobot_ki.weights import (
     pi05_to_ki_state_dict,
 )
 
-EXPERT_LM_HEAD = EXPERT + "lm_head.weight"
 # The tiny policy of conftest's TINY_POLICY_ARGS (image 64, default FAST vocab), so that `lerobot-train`
 # with those arguments fits the checkpoints written here.
 TINY = dict(image_resolution=(64, 64), fast_vocab_size=1024)
@@ -94,39 +93,6 @@ def _actions(policy: KIPolicy, cfg: KIConfig) -> torch.Tensor:
     return policy.predict_action_chunk(_batch(cfg, with_actions=False), noise=noise)
 
 
-def _pi05_config_json(cfg: KIConfig) -> dict:
-    """A pi05 config.json for `cfg`'s sizes: the fields PI05Config has, with pi05's own at their defaults."""
-    import dataclasses
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg.save_pretrained(tmp)
-        ours = json.loads((Path(tmp) / "config.json").read_text())
-    pi05_fields = {f.name: f for f in dataclasses.fields(PI05Config)}
-    raw = {k: v for k, v in ours.items() if k in pi05_fields}
-    raw.update(type="pi05", compile_model=False, use_relative_actions=False, repo_id="lerobot/pi05_base")
-    return raw
-
-
-def _write_pi05_checkpoint(root: Path, source: KIPolicy, cfg: KIConfig) -> Path:
-    """`source`'s weights as lerobot/pi05_base stores them: no `model.` prefix, openpi's
-    `action_time_mlp_*`, only the LM head of the (tied) embedding pair, and the expert LM head pi05
-    carries. Plus pi05 processors that must never be read (they name a step nobody registered)."""
-    sd = {k: v.clone() for k, v in source.state_dict().items() if k not in (FAST_PLACEMENT, EMBED)}
-    pi05 = {}
-    for key, value in sd.items():
-        key = key.removeprefix("model.").replace("time_mlp_", "action_time_mlp_")
-        pi05[key] = value.contiguous()
-    width = source.model.action_in_proj.out_features
-    pi05[EXPERT_LM_HEAD.removeprefix("model.")] = torch.randn(source.model.layout.vocab_size, width)
-    root.mkdir(parents=True)
-    save_file(pi05, root / "model.safetensors")
-    (root / "config.json").write_text(json.dumps(_pi05_config_json(cfg)))
-    bogus = {"name": "policy_preprocessor", "steps": [{"registry_name": "a_pi05_step_nobody_registered"}]}
-    (root / "policy_preprocessor.json").write_text(json.dumps(bogus))
-    return root
-
-
 @pytest.fixture(scope="module")
 def pi05_source(tmp_path_factory) -> tuple[KIPolicy, Path]:
     """A tiny policy with tied embeddings (as PaliGemma's) and its pi05-layout checkpoint."""
@@ -136,7 +102,7 @@ def pi05_source(tmp_path_factory) -> tuple[KIPolicy, Path]:
     pwe = source.model.paligemma_with_expert.paligemma
     with torch.no_grad():
         pwe.model.language_model.embed_tokens.weight.copy_(pwe.lm_head.weight)
-    return source, _write_pi05_checkpoint(tmp_path_factory.mktemp("pi05") / "pi05_tiny", source, cfg)
+    return source, write_pi05_checkpoint(tmp_path_factory.mktemp("pi05") / "pi05_tiny", source, cfg)
 
 
 def _tiny_hf_paligemma(cfg: KIConfig, vocab: int) -> PaliGemmaForConditionalGeneration:

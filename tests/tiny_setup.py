@@ -1,20 +1,28 @@
-"""A tiny ki_vla policy with its processors and batches from the synthetic dataset, built in-process."""
+"""A tiny ki_vla policy with its processors and batches from the synthetic dataset, built in-process, and its
+weights written as a pi05 checkpoint (the layout of lerobot/pi05_base)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import tempfile
 from pathlib import Path
 
 import torch
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
+from lerobot.policies.pi05.configuration_pi05 import PI05Config
+from safetensors.torch import save_file
 from synthetic_dataset import ACTION_DIM, STATE_DIM
 
 from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.fast_artifacts import fit_fast_on_dataset
 from lerobot_ki.modeling_ki import KIPolicy
 from lerobot_ki.processor_ki import make_ki_vla_pre_post_processors
+from lerobot_ki.weights import EMBED, EXPERT, FAST_PLACEMENT
 
 CAMERAS = ("observation.images.top", "observation.images.wrist")
+EXPERT_LM_HEAD = EXPERT + "lm_head.weight"
 
 
 def tiny_config(**overrides) -> KIConfig:
@@ -74,3 +82,33 @@ def train_steps(policy, batches: list[dict], steps: int) -> list[dict]:
         opt.step()
         history.append(info)
     return history
+
+
+def pi05_config_json(cfg: KIConfig) -> dict:
+    """A pi05 config.json for `cfg`'s sizes: the fields PI05Config has, with pi05's own at their defaults."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.save_pretrained(tmp)
+        ours = json.loads((Path(tmp) / "config.json").read_text())
+    pi05_fields = {f.name for f in dataclasses.fields(PI05Config)}
+    raw = {k: v for k, v in ours.items() if k in pi05_fields}
+    raw.update(type="pi05", compile_model=False, use_relative_actions=False, repo_id="lerobot/pi05_base")
+    return raw
+
+
+def write_pi05_checkpoint(root: Path, source: KIPolicy, cfg: KIConfig) -> Path:
+    """`source`'s weights as lerobot/pi05_base stores them: no `model.` prefix, openpi's
+    `action_time_mlp_*`, only the LM head of the (tied) embedding pair, and the expert LM head pi05
+    carries. Plus pi05 processors that must never be read (they name a step nobody registered)."""
+    sd = {k: v.clone() for k, v in source.state_dict().items() if k not in (FAST_PLACEMENT, EMBED)}
+    pi05 = {}
+    for key, value in sd.items():
+        key = key.removeprefix("model.").replace("time_mlp_", "action_time_mlp_")
+        pi05[key] = value.contiguous()
+    width = source.model.action_in_proj.out_features
+    pi05[EXPERT_LM_HEAD.removeprefix("model.")] = torch.randn(source.model.layout.vocab_size, width)
+    root.mkdir(parents=True)
+    save_file(pi05, root / "model.safetensors")
+    (root / "config.json").write_text(json.dumps(pi05_config_json(cfg)))
+    bogus = {"name": "policy_preprocessor", "steps": [{"registry_name": "a_pi05_step_nobody_registered"}]}
+    (root / "policy_preprocessor.json").write_text(json.dumps(bogus))
+    return root

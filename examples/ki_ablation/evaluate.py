@@ -191,12 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
     import os
+    import sys
 
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    # --tasks is read as the recorder reads it (difficulty groups, `metaworld-` prefixes, unknown names
+    # refused), so that the runner's one --tasks string names the same tasks for recording and evaluation.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "metaworld"))
+    from record_dataset import resolve_tasks
+
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--tasks", required=True, help="comma list of Meta-World tasks")
+    p.add_argument("--tasks", required=True, help="comma list of Meta-World tasks or difficulty groups")
     p.add_argument("--episodes", type=int, required=True, help="per task")
     p.add_argument("--render-size", type=int, required=True)
     p.add_argument("--start-seed", type=int, default=1000)
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
     result = success_rates(
-        args.checkpoint, [t for t in args.tasks.split(",") if t], args.episodes, args.render_size,
+        args.checkpoint, resolve_tasks(args.tasks), args.episodes, args.render_size,
         start_seed=args.start_seed, device=args.device, videos_dir=args.videos_dir, max_steps=args.max_steps,
         hide_goals=args.hide_goals,
     )  # fmt: skip

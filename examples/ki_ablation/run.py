@@ -41,7 +41,15 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "examples" / "metaworld"))
 
 from arms import ARMS, Arm, parse_arms  # noqa: E402
-from main_job import NORMALIZATION, PRESETS, parse_train_log  # noqa: E402
+from main_job import (  # noqa: E402
+    NORMALIZATION,
+    PRESETS,
+    Progress,
+    console_script,
+    parse_train_log,
+    run_stage,
+    stage_env,
+)
 
 DEFAULT_VLM = REPO / "benchmarks" / "results" / "vlm_tiny_2026-11-26" / "paligemma"
 # One standard task and the three language-following ones (the same first frame; only the instruction
@@ -117,29 +125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _env(threads: int | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("MUJOCO_GL", "egl")
-    env.setdefault("PYOPENGL_PLATFORM", "egl")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    return env
-
-
-def _bin(name: str) -> str:
-    cand = Path(sys.executable).parent / name
-    return str(cand) if cand.exists() else name
-
-
 def run(cmd: list[str], log: Path) -> None:
-    """A stage as a subprocess logging to `log`; a failure shows the log's tail."""
-    print("$ " + " ".join(cmd), flush=True)
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+    """A stage as a subprocess logging to `log` (main_job's runner), nothing of its output on the console:
+    the runner prints one line per run. A failure raises `StageError` (a RuntimeError) with the log's
+    tail, so that the run at hand stops and a worker exits non-zero."""
+    run_stage(cmd, log, Progress(log.stem, log, write=lambda _text: None))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -183,7 +173,7 @@ def prepare_data(args: argparse.Namespace, out: Path) -> None:
     if not (fast_dir / "tokenizer.json").exists():
         run(
             [
-                _bin("lerobot-ki-fit-fast"),
+                console_script("lerobot-ki-fit-fast"),
                 f"--dataset.repo_id={REPO_ID}_train",
                 f"--dataset.root={out / 'data' / 'train'}",
                 f"--chunk_size={args.chunk_size}",
@@ -203,7 +193,7 @@ def vqa_accuracy(checkpoint: Path, args: argparse.Namespace, json_path: Path) ->
         splits = ",".join(str(args.corpus / s) for s in ("heldout_scenes", "heldout_tasks"))
         run(
             [
-                _bin("lerobot-ki-eval-vlm"),
+                console_script("lerobot-ki-eval-vlm"),
                 "--checkpoint",
                 str(checkpoint),
                 "--data",
@@ -247,7 +237,7 @@ def train_command(arm: Arm, seed: int, args: argparse.Namespace, out: Path, trai
     ]
     if arm.policy_type == "act":
         return [
-            _bin("lerobot-train"),
+            console_script("lerobot-train"),
             "--policy.type=act",
             *arm.flags,
             *common,
@@ -255,9 +245,9 @@ def train_command(arm: Arm, seed: int, args: argparse.Namespace, out: Path, trai
             f"--policy.n_action_steps={args.n_action_steps}",
         ]
     if arm.policy_type == "diffusion":
-        return [_bin("lerobot-train"), "--policy.type=diffusion", *arm.flags, *common]
+        return [console_script("lerobot-train"), "--policy.type=diffusion", *arm.flags, *common]
     cmd = [
-        _bin("lerobot-train"),
+        console_script("lerobot-train"),
         "--policy.type=ki_vla",
         *PRESETS[args.preset],
         *arm.flags,
@@ -399,6 +389,11 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
     )
 
 
+def _worker_env(threads: int) -> dict[str, str]:
+    """A stage's environment, with the worker's share of the cores (its torch threads)."""
+    return {**stage_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.output_dir.resolve()
@@ -430,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--shard",
                         f"{k}/{args.jobs}",
                     ],
-                    env=_env(threads=max(1, (os.cpu_count() or 2) // args.jobs)),
+                    env=_worker_env(max(1, (os.cpu_count() or 2) // args.jobs)),
                 )
                 for k in range(args.jobs)
             ]

@@ -133,12 +133,21 @@ def train_command(args: argparse.Namespace, repo_id: str, data_dir: Path, fast_d
         f"--seed={args.seed}",
         f"--output_dir={train_dir}", "--wandb.enable=false",
     ]  # fmt: skip
-    return [_bin("lerobot-train"), *merge_flags(base, getattr(args, "train_extra", []))]
+    return [console_script("lerobot-train"), *merge_flags(base, getattr(args, "train_extra", []))]
 
 
 _TQDM = re.compile(r"^\s*(?P<desc>[^|]*?):?\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _TRAIN_KEYS = ("loss", "loss_fast_ce", "loss_flow", "fast_token_acc", "updt_s")
+_METRIC = re.compile(r"(?:^|\s)([\w/]+):([-+0-9.eE]+[KMB]?)(?=\s|$)")
+
+
+def _step_metrics(line: str) -> dict[str, str]:
+    """name -> value (as printed: "1K", "1.0e-03") of a lerobot-train metrics line, read from "step:" on:
+    the log prefix before it ("INFO 2026-11-27 02:17:40 ot_train.py:641") also holds name:number pairs.
+    Empty when the line has no "step:"."""
+    start = line.find("step:")
+    return {} if start < 0 else dict(_METRIC.findall(line[start:]))
 
 
 class Progress:
@@ -168,7 +177,7 @@ class Progress:
         if not line:
             return
         if "step:" in line and "loss" in line:
-            values = dict(re.findall(r"(\w+):([-+0-9.eE]+[KMB]?)\b", line))
+            values = _step_metrics(line)
             step = values.get("step", "?")
             if self.total_steps:
                 step = f"{step}/{self.total_steps}"
@@ -198,14 +207,26 @@ class Progress:
             self._emit(f"still running (full output: {self.log})")
 
 
+class StageError(RuntimeError):
+    """A stage exited non-zero; the message ends with the last lines of its log."""
+
+
 def run(cmd: list[str], log: Path, progress: Progress | None = None) -> None:
+    """`run_stage` for this job: a failed stage shows its log's tail and stops the job."""
+    try:
+        run_stage(cmd, log, progress)
+    except StageError as e:
+        sys.exit(str(e))
+
+
+def run_stage(cmd: list[str], log: Path, progress: Progress | None = None) -> None:
     """Runs a stage: its whole output (stdout and stderr, byte for byte) goes to `log`, and `progress`
-    shows a condensed view on the console. A failure shows the log's tail and stops the job."""
+    shows a condensed view on the console. A failure raises `StageError` with the log's tail."""
     print("$ " + shlex.join(cmd), flush=True)
     print(f"  (full output: {log})", flush=True)
     progress = progress or Progress(log.stem, log)
     with log.open("wb") as f:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=stage_env())
         fd, pending = proc.stdout.fileno(), b""
         while True:
             ready, _, _ = select.select([fd], [], [], 5.0)
@@ -228,10 +249,11 @@ def run(cmd: list[str], log: Path, progress: Progress | None = None) -> None:
         returncode = proc.wait()
     if returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        sys.exit(f"stage failed (exit {returncode}); last lines of {log}:\n{tail}")
+        raise StageError(f"stage failed (exit {returncode}); last lines of {log}:\n{tail}")
 
 
-def _env() -> dict[str, str]:
+def stage_env() -> dict[str, str]:
+    """The environment of every stage: headless rendering, offline unless the user says otherwise."""
     env = dict(os.environ)
     env.setdefault("MUJOCO_GL", "egl")
     env.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -239,7 +261,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _bin(name: str) -> str:
+def console_script(name: str) -> str:
     """A console script of this environment (next to the running interpreter)."""
     cand = Path(sys.executable).parent / name
     return str(cand) if cand.exists() else name
@@ -253,10 +275,7 @@ def parse_train_log(text: str, log_freq: int) -> list[dict[str, float]]:
         if "step:" not in line or "loss_flow:" not in line:
             continue
         row = {}
-        # From "step:" on: the log prefix before it ("INFO 2026-11-27 02:17:40 ot_train.py:641") also
-        # holds name:number pairs.
-        metrics = line[line.index("step:") :]
-        for key, value in re.findall(r"(?:^|\s)([\w/]+):([-+0-9.eE]+[KMB]?)(?=\s|$)", metrics):
+        for key, value in _step_metrics(line).items():
             scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(value[-1], 1)
             try:
                 row[key] = float(value.rstrip("KMB")) * scale
@@ -334,9 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (fast_dir / "tokenizer.json").exists():
         log = out / "fit_fast.log"
         run(
-            [_bin("lerobot-ki-fit-fast"), f"--dataset.repo_id={repo_id}", f"--dataset.root={data_dir}",
-             f"--chunk_size={args.chunk_size}", "--vocab_size=1024", "--normalization=MIN_MAX",
-             f"--output_dir={fast_dir}"],
+            [console_script("lerobot-ki-fit-fast"), f"--dataset.repo_id={repo_id}",
+             f"--dataset.root={data_dir}", f"--chunk_size={args.chunk_size}", "--vocab_size=1024",
+             "--normalization=MIN_MAX", f"--output_dir={fast_dir}"],
             log, Progress("fit FAST", log, keep=("saved to", "mean_tokens", "recon_mae"), bars=()),
         )  # fmt: skip
     else:
@@ -361,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_log = out / "eval.log"
     print(f"[4/{n_stages}] evaluate in Meta-World ({args.eval_episodes} episodes per task, seeds from 1000)")
     run(
-        [_bin("lerobot-eval"), f"--policy.path={checkpoint}",
+        [console_script("lerobot-eval"), f"--policy.path={checkpoint}",
          "--env.type=metaworld", f"--env.task={','.join(tasks)}", f"--eval.n_episodes={args.eval_episodes}",
          "--eval.batch_size=1", "--eval.use_async_envs=false", f"--policy.device={args.device}",
          "--seed=1000", f"--output_dir={eval_dir}"],
