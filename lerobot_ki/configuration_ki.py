@@ -110,6 +110,11 @@ class KIConfig(PreTrainedConfig):
 
     # Real-time chunking settings (lerobot-rollout --inference.type=rtc).
     rtc_config: RTCConfig | None = None
+    # Training-time RTC (Black et al. 2025, arXiv 2512.05964): > 0 trains the expert to continue a
+    # committed prefix of d ~ uniform{0..D} ground-truth actions (flow time 0, no loss on them), and
+    # `--inference.type=rtc` then inpaints the committed actions instead of LeRobot's guidance (no autograd
+    # at inference). Delays above D are clamped. 0 = off (RTC uses LeRobot's guidance).
+    rtc_training_max_delay: int = 0
 
     normalization_mapping: dict[str, NormalizationMode] = field(
         default_factory=lambda: {
@@ -160,6 +165,12 @@ class KIConfig(PreTrainedConfig):
             raise ValueError(
                 f"n_action_steps ({self.n_action_steps}) cannot exceed chunk_size ({self.chunk_size}); "
                 "lower --policy.n_action_steps or raise --policy.chunk_size."
+            )
+        if not 0 <= self.rtc_training_max_delay < self.chunk_size:
+            raise ValueError(
+                f"rtc_training_max_delay={self.rtc_training_max_delay} must be in [0, chunk_size="
+                f"{self.chunk_size}): the committed prefix must leave at least one action to train on. "
+                "Pass --policy.rtc_training_max_delay=D with D below --policy.chunk_size (0 = off)."
             )
         if self.image_resolution[0] != self.image_resolution[1]:
             raise ValueError(f"image_resolution must be square for SigLIP, got {self.image_resolution}")

@@ -50,8 +50,9 @@ def unflatten(tensors: list[Tensor], spec: tuple) -> ModelInputs:
 
 
 class GraphedSampler:
-    """`sampler(inputs, noise)` == `model.sample_actions(inputs, noise, num_steps)`, captured on first use
-    for each input signature (fields, shapes, dtypes).
+    """`sampler(inputs, noise)` == `model.sample_actions(inputs, noise, num_steps)` (and with
+    `committed, delay`, the training-time RTC inpainting), captured on first use for each input signature
+    (fields, shapes, dtypes, with or without a committed prefix).
 
     Weights are read by address: in-place updates (an optimizer step, `load_state_dict`) are seen by later
     replays. Anything that gives a weight new storage (`.to()`, a dtype cast, assigning a parameter) changes
@@ -68,13 +69,23 @@ class GraphedSampler:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __call__(self, inputs: ModelInputs, noise: Tensor) -> Tensor:
+    def __call__(
+        self,
+        inputs: ModelInputs,
+        noise: Tensor,  # (B, T, A)
+        committed: Tensor | None = None,  # (B, T, A) training-time RTC: the committed actions to inpaint
+        delay: Tensor | None = None,  # (B,) long: how many of them
+    ) -> Tensor:
         addresses = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
         if addresses != self._addresses:  # new storage: the recorded graphs read the old one
             self._entries.clear()
             self._addresses = addresses
         tensors, spec = flatten(inputs)
-        tensors.append(noise)
+        # The committed actions and their count are graph inputs like the noise: a new delay replays the
+        # same graph (the prefix mask is computed on the device inside it).
+        sampler_args = [noise] if committed is None else [noise, committed, delay]
+        tensors.extend(sampler_args)
+        spec = (spec, len(sampler_args))
         key = (spec, *((tuple(a.shape), a.dtype, a.device) for a in tensors))
         entry = self._entries.get(key)
         if entry is None:
@@ -90,7 +101,10 @@ class GraphedSampler:
         return entry.output.clone()
 
     def _run(self, tensors: list[Tensor], spec: tuple) -> Tensor:
-        return self.model.sample_actions(unflatten(tensors[:-1], spec), tensors[-1], self.num_steps)
+        input_spec, n_args = spec
+        noise, *prefix = tensors[-n_args:]  # prefix: [] or [committed, delay]
+        inputs = unflatten(tensors[:-n_args], input_spec)
+        return self.model.sample_actions(inputs, noise, self.num_steps, None, False, *prefix)
 
     def _capture(self, tensors: list[Tensor], spec: tuple) -> _Captured:
         inputs = [a.clone() for a in tensors]

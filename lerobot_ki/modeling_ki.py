@@ -71,6 +71,7 @@ class KIPolicy(PreTrainedPolicy):
             report = load_paligemma_backbone(self, config, config.paligemma_pretrained_path)
             logger.info(report.summary())
         self.num_fast_decode_failures = 0
+        self.num_clamped_rtc_delays = 0  # training-time RTC: engine delays above rtc_training_max_delay
         # VLM co-training (README "VLM co-training"): the policy draws VLM examples at each training step.
         self.vlm_cotraining = (
             VLMCoTraining(config, len(config.image_features)) if config.vlm_dataset is not None else None
@@ -285,15 +286,59 @@ class KIPolicy(PreTrainedPolicy):
             shape = (inputs.batch_size, self.config.chunk_size, self.config.max_action_dim)
             noise = self.model.sample_noise(shape, inputs.prompt_ids.device)
         num_steps = self.config.num_inference_steps
-        if self.rtc_guided():
+        # A checkpoint trained with training-time RTC continues the committed actions itself: it is never
+        # guided (no autograd), and samples on the sync path (the CUDA graph on CUDA) with them inpainted.
+        trained_rtc = self.config.rtc_training_max_delay > 0
+        if not trained_rtc and self.rtc_guided():
             return self.model.sample_actions(
                 inputs, noise, num_steps, self.rtc_processor, self._rtc_enabled(), **rtc_kwargs
             )
+        committed, delay = self._committed_prefix(noise, **rtc_kwargs) if trained_rtc else (None, None)
         if self.config.cuda_graphs and noise.is_cuda:
             if self._graphed is None:
                 self._graphed = GraphedSampler(self.model, num_steps)
-            return self._graphed(inputs, noise)
-        return self.model.sample_actions(inputs, noise, num_steps)
+            return self._graphed(inputs, noise, committed, delay)
+        return self.model.sample_actions(inputs, noise, num_steps, committed=committed, delay=delay)
+
+    def _committed_prefix(
+        self,
+        noise: Tensor,  # (B, T, A_max)
+        inference_delay: int | None = None,
+        prev_chunk_left_over: Tensor | None = None,  # (L, A) or (B, L, A), normalized (the engine's)
+        **_: object,  # execution_horizon etc.: guidance settings, unused when inpainting
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Training-time RTC: the actions LeRobot's RTC engine says are committed, as (committed (B, T,
+        A_max), delay (B,)) for `KIModel.sample_actions`; (None, None) when nothing is committed. The engine
+        hands the leftover of the previous chunk as this policy returned it (normalized, action dims only),
+        and `inference_delay` of them will execute before the new chunk starts. More than the checkpoint
+        was trained with are clamped to `rtc_training_max_delay` (the model never saw longer prefixes)."""
+        if prev_chunk_left_over is None or not inference_delay:
+            return None, None
+        max_delay = self.config.rtc_training_max_delay
+        d = int(inference_delay)
+        if d > max_delay:
+            self.num_clamped_rtc_delays += 1
+            if self.num_clamped_rtc_delays == 1 or self.num_clamped_rtc_delays % 100 == 0:
+                logger.warning(
+                    "RTC inference_delay=%d is above rtc_training_max_delay=%d (what this checkpoint was "
+                    "trained with): inpainting only the first %d committed actions (%d clamped so far). "
+                    "Train with a larger --policy.rtc_training_max_delay or make inference faster.",
+                    d,
+                    max_delay,
+                    max_delay,
+                    self.num_clamped_rtc_delays,
+                )
+            d = max_delay
+        prev = prev_chunk_left_over if prev_chunk_left_over.ndim == 3 else prev_chunk_left_over[None]
+        bsz, horizon, width = noise.shape
+        if prev.shape[-1] > width:
+            raise ValueError(
+                f"prev_chunk_left_over has {prev.shape[-1]} action dims, max_action_dim={width}."
+            )
+        d = min(d, prev.shape[1])  # the engine hands at most execution_horizon actions
+        committed = noise.new_zeros(bsz, horizon, width)
+        committed[:, :d, : prev.shape[-1]] = prev[:, :d].to(device=noise.device, dtype=noise.dtype)
+        return committed, torch.full((bsz,), d, dtype=torch.long, device=noise.device)
 
     def _decode_fast(self, inputs: ModelInputs) -> Tensor:
         """pi0-FAST style: the backbone decodes FAST tokens, the tokenizer turns them into actions. A

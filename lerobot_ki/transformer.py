@@ -19,6 +19,19 @@ from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
 KV = tuple[Tensor, Tensor]  # (B, KVH, L, hd) keys and values, RoPE applied
 
 
+def ada_norm(norm: nn.Module, x: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """LeRobot's `PiGemmaRMSNorm` (adaRMS) with a per-sample condition (B, Dc), as pi05 uses it, or a
+    per-token one (B, L, Dc) (training-time RTC: committed actions sit at flow time 0, the rest at t).
+    LeRobot's norm broadcasts a 2-D condition over the tokens of a 3-D `x`; a per-token condition goes
+    through the same norm with tokens as rows ((B*L, D) with (B*L, Dc)), since the RMS statistic and the
+    modulation are both per row. Returns (normed (B, L, D), gate (B, L, D) or None)."""
+    if cond is None or cond.ndim == 2:
+        return norm(x, cond=cond)
+    bsz, length, width = x.shape
+    h, gate = norm(x.reshape(bsz * length, width), cond=cond.reshape(bsz * length, -1))
+    return h.view(bsz, length, width), gate.view(bsz, length, width)
+
+
 def _layer(
     layer: nn.Module,
     x: Tensor,  # (B, Lq, D)
@@ -27,12 +40,12 @@ def _layer(
     mask: Tensor,  # (B, Lq, Lpast + Lq) bool, True = may attend
     past_k: Tensor | None,
     past_v: Tensor | None,
-    cond: Tensor | None,  # (B, D) adaRMS condition (expert only)
+    cond: Tensor | None,  # (B, Dc) or per token (B, Lq, Dc) adaRMS condition (expert only)
     detach_past: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     attn = layer.self_attn
     bsz, lq, _ = x.shape
-    h, gate = layer.input_layernorm(x, cond=cond)
+    h, gate = ada_norm(layer.input_layernorm, x, cond)
     h = h.to(attn.q_proj.weight.dtype)
     q = attn.q_proj(h).view(bsz, lq, -1, attn.head_dim).transpose(1, 2)  # (B, H, Lq, hd)
     k = attn.k_proj(h).view(bsz, lq, -1, attn.head_dim).transpose(1, 2)  # (B, KVH, Lq, hd)
@@ -49,7 +62,7 @@ def _layer(
     )  # (B, H, Lq, hd)
     out = attn.o_proj(out.transpose(1, 2).reshape(bsz, lq, -1))
     x = _gated_residual(x, out.to(x.dtype), gate)
-    h, gate = layer.post_attention_layernorm(x, cond=cond)
+    h, gate = ada_norm(layer.post_attention_layernorm, x, cond)
     h = layer.mlp(h.to(layer.mlp.up_proj.weight.dtype))
     x = _gated_residual(x, h.to(x.dtype), gate)
     return x, k_all, v_all
@@ -61,7 +74,7 @@ def run_stack(
     positions: Tensor,  # (B, Lq) RoPE positions
     mask: Tensor,  # (B, Lq, Lpast + Lq) bool
     past: list[KV] | None = None,  # per layer, (B, KVH, Lpast, hd)
-    cond: Tensor | None = None,
+    cond: Tensor | None = None,  # adaRMS condition (B, Dc) or (B, Lq, Dc); None for the backbone
     detach_past: bool = False,
     use_checkpoint: bool = False,
 ) -> tuple[Tensor, list[KV]]:
@@ -83,5 +96,5 @@ def run_stack(
         else:
             x, k, v = _layer(layer, x, cos, sin, mask, pk, pv, cond, detach_past)
         kvs.append((k, v))
-    x, _ = model.norm(x, cond)
+    x, _ = ada_norm(model.norm, x, cond)
     return x, kvs

@@ -108,6 +108,12 @@ class KIModel(nn.Module):
             offset=cfg.time_sampling_offset,
         )
 
+    def sample_delay(self, bsize: int, device) -> Tensor:
+        """Training-time RTC: committed prefix lengths d (B,), uniform over {0, ..., rtc_training_max_delay}
+        (every delay up to the bound the robot may see is trained as often; d = 0 keeps the plain
+        chunk-from-noise task in the mix)."""
+        return torch.randint(0, self.config.rtc_training_max_delay + 1, (bsize,), device=device)
+
     # --- the prefix: images + prompt (+ a continuous state token) ------------------------------------
     def embed_images_and_prompt(
         self, images: list[Tensor], img_masks: list[Tensor], tokens: Tensor, masks: Tensor
@@ -173,16 +179,18 @@ class KIModel(nn.Module):
 
     # --- the expert ---------------------------------------------------------------------------------
     def embed_suffix(self, noisy_actions: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """pi05's expert input: projected noisy actions (B, T, De) and the adaRMS time condition (B, De),
-        with every tensor made on the device (capturable in a CUDA graph)."""
+        """pi05's expert input: projected noisy actions (B, T, De) and the adaRMS time condition, (B, De)
+        for a per-sample time (B,) or (B, T, De) for a per-token time (B, T) (training-time RTC), with
+        every tensor made on the device (capturable in a CUDA graph)."""
         time_emb = create_sinusoidal_pos_embedding(
-            timestep,
+            timestep.reshape(-1),  # LeRobot's embedding takes (N,): per-token times are flattened
             self.action_in_proj.out_features,
             min_period=self.config.min_period,
             max_period=self.config.max_period,
             device=timestep.device,
-        ).to(timestep.dtype)  # (B, De)
+        ).to(timestep.dtype)  # (B, De) or (B*T, De)
         cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
+        cond = cond.view(*timestep.shape, -1)  # (B, De) or (B, T, De)
         action_emb = self.action_in_proj(noisy_actions)
         bsz, horizon = action_emb.shape[:2]
         pad = torch.ones(bsz, horizon, dtype=torch.bool, device=action_emb.device)
@@ -191,8 +199,9 @@ class KIModel(nn.Module):
         return action_emb, pad, att, cond
 
     def velocity(self, prefix_kv: list[KV], prefix_pad: Tensor, x_t: Tensor, time: Tensor) -> Tensor:
-        """Flow velocity v(x_t, t) (B, T, A) from the expert reading the prefix K/V (detached if KI)."""
-        suffix_embs, _, _, cond = self.embed_suffix(x_t, time)  # (B, T, De), (B, De)
+        """Flow velocity v(x_t, t) (B, T, A) from the expert reading the prefix K/V (detached if KI);
+        `time` is (B,) or per action position (B, T)."""
+        suffix_embs, _, _, cond = self.embed_suffix(x_t, time)  # (B, T, De), (B, De) or (B, T, De)
         bsz, horizon = suffix_embs.shape[:2]
         n_prefix = prefix_pad.shape[1]
         # Expert tokens see every valid prefix token and each other; RoPE positions continue the prompt.
@@ -231,16 +240,25 @@ class KIModel(nn.Module):
 
         # The image+prompt K/V do not depend on the FAST tokens (prefix rows never attend to them).
         prefix_kv = [(k[:, :, :n_prefix], v[:, :, :n_prefix]) for k, v in kv]
-        n_flow = flow_mask.sum().clamp(min=1)
+        horizon = actions.shape[1]
         loss_flow = actions.new_zeros(())
         for _ in range(self.config.flow_samples_per_backbone_pass):
             noise = self.sample_noise(actions.shape, actions.device)
-            time = self.sample_time(bsz, actions.device)
-            t = time[:, None, None]
+            time = self.sample_time(bsz, actions.device)  # (B,)
+            loss_mask = flow_mask
+            if self.config.rtc_training_max_delay > 0:
+                # Training-time RTC: the first d actions are the committed prefix, given clean (flow time
+                # 0 is the data end of x_t = t * noise + (1 - t) * actions) and not trained on.
+                committed = committed_positions(self.sample_delay(bsz, actions.device), horizon)  # (B, T)
+                time = time[:, None].expand(bsz, horizon).masked_fill(committed, 0.0)  # (B, T)
+                loss_mask = flow_mask & ~committed[:, :, None]
+            t = time[:, None, None] if time.ndim == 1 else time[:, :, None]  # broadcast over (B, T, A)
             x_t = t * noise + (1 - t) * actions
             u_t = noise - actions
             v_t = self.velocity(prefix_kv, prefix_pad, x_t, time)
-            loss_flow = loss_flow + ((v_t - u_t) ** 2 * flow_mask).sum() / n_flow
+            # Mean over the trained (valid, uncommitted) positions: the loss scale does not depend on d.
+            n_flow = loss_mask.sum().clamp(min=1)
+            loss_flow = loss_flow + ((v_t - u_t) ** 2 * loss_mask).sum() / n_flow
         loss_flow = loss_flow / self.config.flow_samples_per_backbone_pass
         return {"loss_fast_ce": loss_fast, "loss_flow": loss_flow, "fast_token_acc": fast_acc}
 
@@ -296,10 +314,15 @@ class KIModel(nn.Module):
         num_steps: int,
         rtc_processor: RTCProcessor | None = None,
         rtc_enabled: bool = False,
+        committed: Tensor | None = None,
+        delay: Tensor | None = None,
         **rtc_kwargs,
     ) -> Tensor:
         """Observation -> chunk (B, T, A): prefill the backbone once, then `num_steps` Euler steps of the
-        expert only. With no RTC processor there is no host sync: the unit a CUDA graph records."""
+        expert only. With no RTC processor there is no host sync: the unit a CUDA graph records.
+
+        Training-time RTC: `committed` (B, T, A) holds the committed actions at its first `delay` (B,)
+        positions (the rest is ignored); those positions are inpainted at every step (see `euler_steps`)."""
         prefix_embs, prefix_pad = self.embed_prefix(inputs)
         _, prefix_kv = self.prefill(prefix_embs, prefix_pad)
         expert = self._inference_velocity()
@@ -318,7 +341,7 @@ class KIModel(nn.Module):
                 prev_chunk_left_over=rtc_kwargs.get("prev_chunk_left_over"),
                 execution_horizon=rtc_kwargs.get("execution_horizon"),
             )
-        return euler_steps(velocity, noise, num_steps)
+        return euler_steps(velocity, noise, num_steps, committed, delay)
 
     def _inference_velocity(self) -> Callable[..., Tensor]:
         if not self.config.compile_expert:
@@ -370,12 +393,37 @@ class KIModel(nn.Module):
         return torch.stack(out, dim=1)
 
 
-def euler_steps(velocity, noise: Tensor, num_steps: int) -> Tensor:
+def committed_positions(delay: Tensor, horizon: int) -> Tensor:
+    """(B,) committed prefix lengths -> (B, T) bool, True at the first d positions; made on the device."""
+    return torch.arange(horizon, device=delay.device)[None, :] < delay[:, None]
+
+
+def euler_steps(
+    velocity: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,  # (B, T, A)
+    num_steps: int,
+    committed: Tensor | None = None,  # (B, T, A): committed actions at the first `delay` positions
+    delay: Tensor | None = None,  # (B,) long
+) -> Tensor:
     """The forward-Euler schedule of LeRobot's `euler_integrate` (t = 1 + k*dt, dt = -1/num_steps) with
-    each step's time made on the device: no host->device copy per step, so the loop can be graphed."""
+    each step's time made on the device: no host->device copy per step, so the loop can be graphed.
+
+    With `committed` (training-time RTC), the first d positions hold the committed actions at flow time 0
+    before every step, as in training, and again after it (overwriting the step): the returned chunk starts
+    with exactly the committed actions, and the rest is sampled conditioned on them."""
     dt = -1.0 / num_steps
     x_t = noise
+    keep = None
+    if committed is not None:
+        assert delay is not None, "committed actions need their prefix lengths"
+        keep = committed_positions(delay, noise.shape[1])  # (B, T)
+        committed = committed.to(noise.dtype)
+        x_t = torch.where(keep[:, :, None], committed, x_t)
     for step in range(num_steps):
         time = torch.full((noise.shape[0],), 1.0 + step * dt, dtype=torch.float32, device=noise.device)
+        if keep is not None:
+            time = time[:, None].expand_as(keep).masked_fill(keep, 0.0)  # (B, T)
         x_t = x_t + dt * velocity(x_t, time)
+        if keep is not None:
+            x_t = torch.where(keep[:, :, None], committed, x_t)
     return x_t

@@ -54,3 +54,29 @@ def test_one_recording_per_signature_and_again_after_weights_move(monkeypatch):
     model.action_out_proj.weight = nn.Parameter(model.action_out_proj.weight.detach().clone())
     sampler(inputs, noise)
     assert len(recorded) == 3 and len(sampler) == 1  # new storage: every old graph dropped
+
+
+def test_a_committed_prefix_is_one_more_recording_and_its_delay_a_graph_input(monkeypatch):
+    """Training-time RTC: (committed actions, delay) are graph inputs, so the inpainting sampler is recorded
+    once and a new delay replays it (the prefix mask is computed inside the graph)."""
+    torch.manual_seed(0)
+    model = KIPolicy(tiny_config(rtc_training_max_delay=4)).model.eval()
+    recorded = []
+
+    def record(self, tensors, spec):
+        recorded.append(spec)
+        return cuda_graphs._Captured(
+            SimpleNamespace(replay=lambda: None), [t.clone() for t in tensors], self._run(tensors, spec)
+        )
+
+    monkeypatch.setattr(GraphedSampler, "_capture", record)
+    sampler = GraphedSampler(model, num_steps=3)
+    inputs, noise = _inputs(2, 12), torch.randn(2, 10, 8)
+    committed, delay = torch.randn(2, 10, 8), torch.tensor([2, 3])
+    sampler(inputs, noise)
+    first = sampler(inputs, noise, committed, delay)
+    assert len(recorded) == 2  # sync and inpainting: two signatures
+    assert torch.equal(first, model.sample_actions(inputs, noise, 3, committed=committed, delay=delay))
+    assert torch.equal(first[0, :2], committed[0, :2]) and torch.equal(first[1, :3], committed[1, :3])
+    sampler(inputs, noise, committed, torch.tensor([4, 1]))
+    assert len(recorded) == 2  # a new delay: replayed
