@@ -4,12 +4,14 @@ markdown tables.
 1. With a checkpoint (CPU): runs the real `lerobot-rollout` CLI (sentry strategy, video recording) against the
    simulated robot of tests/plugins/ for `--seconds`, once with `--inference.type=sync` and once with
    `--inference.type=rtc`, and reads back when the robot got each command. It also times one action chunk
-   in-process (plain, and RTC-guided by a committed prefix).
+   in-process (plain, with a committed prefix inpainted as a training-time RTC checkpoint does, and
+   RTC-guided by it).
 
     python benchmarks/rollout_timing.py --policy.path=outputs/ki_tiny/checkpoints/last/pretrained_model
 
 2. Without one (any device): times one chunk of a freshly built preset (random weights, byte tokenizer;
-   the real preset is PaliGemma 3B + the 300M expert at 224 px, 50-step chunks), plain and RTC-guided.
+   the real preset is PaliGemma 3B + the 300M expert at 224 px, 50-step chunks), plain, training-time RTC
+   and RTC-guided.
 
     python benchmarks/rollout_timing.py --preset real --device cuda --dtype bfloat16
 """
@@ -92,32 +94,47 @@ def fake_batch(policy: KIPolicy, device: str) -> dict:
     return batch
 
 
-def chunk_latency_ms(policy: KIPolicy, device: str, repeats: int) -> tuple[float, float]:
-    """Median ms of one chunk, plain and RTC-guided (what the RTC engine calls each re-plan)."""
+def chunk_latency_ms(policy: KIPolicy, device: str, repeats: int) -> dict[str, float]:
+    """Median ms of one chunk: sync, training-time RTC (committed prefix inpainted) and RTC-guided (what
+    the RTC engine calls each re-plan). The three calls take turns, `repeats` rounds after two warm-up
+    rounds, so load from other jobs on a shared machine falls on all three alike."""
     from lerobot.policies.rtc.configuration_rtc import RTCConfig
 
     batch = fake_batch(policy, device)
+    cfg = policy.config
+    prefix = policy.predict_action_chunk(batch)[0]  # (T, A): a committed chunk
+    rtc_call = {"inference_delay": 2, "prev_chunk_left_over": prefix[3:]}
+    max_delay = cfg.rtc_training_max_delay
 
-    def timed(**kwargs) -> float:
-        times = []
-        for _ in range(repeats + 2):
+    def sync() -> None:
+        cfg.rtc_config, cfg.rtc_training_max_delay = None, max_delay
+        policy.init_rtc_processor()
+        policy.predict_action_chunk(batch)
+
+    def trained() -> None:  # as lerobot-rollout --inference.type=rtc runs a training-time RTC checkpoint
+        cfg.rtc_config, cfg.rtc_training_max_delay = RTCConfig(execution_horizon=cfg.chunk_size), 2
+        policy.init_rtc_processor()
+        policy.predict_action_chunk(batch, **rtc_call)
+
+    def guided() -> None:
+        cfg.rtc_config, cfg.rtc_training_max_delay = RTCConfig(execution_horizon=cfg.chunk_size), 0
+        policy.init_rtc_processor()
+        policy.predict_action_chunk(batch, **rtc_call)
+
+    calls = {"sync": sync, "trained": trained, "guided": guided}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats + 2):
+        for name, call in calls.items():
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            policy.predict_action_chunk(batch, **kwargs)
+            call()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return 1000 * statistics.median(times[2:])  # two warm-ups
-
-    plain = timed()
-    prefix = policy.predict_action_chunk(batch)[0]  # (T, A): a committed chunk to be guided toward
-    policy.config.rtc_config = RTCConfig(execution_horizon=policy.config.chunk_size)
+            times[name].append(time.perf_counter() - t0)
+    cfg.rtc_config, cfg.rtc_training_max_delay = None, max_delay
     policy.init_rtc_processor()
-    guided = timed(inference_delay=2, prev_chunk_left_over=prefix[3:])
-    policy.config.rtc_config = None
-    policy.init_rtc_processor()
-    return plain, guided
+    return {name: 1000 * statistics.median(t[2:]) for name, t in times.items()}  # two warm-ups
 
 
 def preset_policy(preset: str, device: str, dtype: str) -> KIPolicy:
@@ -165,13 +182,19 @@ def main() -> None:
     else:
         policy = KIPolicy.from_pretrained(args.policy_path).to("cpu").eval()
         device = "cpu"
-    plain, guided = chunk_latency_ms(policy, device, args.repeats)
+    ms = chunk_latency_ms(policy, device, args.repeats)
     cfg = policy.config
     print(
         f"\none chunk ({cfg.chunk_size} steps, {cfg.num_inference_steps} Euler steps, batch 1, {device}, "
-        f"{cfg.paligemma_variant}+{cfg.action_expert_variant}, {cfg.image_resolution[0]} px, {cfg.dtype}):"
+        f"{cfg.paligemma_variant}+{cfg.action_expert_variant}, {cfg.image_resolution[0]} px, {cfg.dtype}; "
+        f"median of {args.repeats}, delay 2):"
     )
-    print(f"| sync chunk | RTC-guided chunk |\n|---|---|\n| {plain:.1f} ms | {guided:.1f} ms |")
+    print("| sync chunk | training-time RTC chunk | RTC-guided chunk | training-time RTC / sync |")
+    print("|---|---|---|---|")
+    print(
+        f"| {ms['sync']:.1f} ms | {ms['trained']:.1f} ms | {ms['guided']:.1f} ms "
+        f"| {ms['trained'] / ms['sync']:.3f} |"
+    )
     if not args.policy_path:
         return
 

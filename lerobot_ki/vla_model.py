@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from lerobot_ki.architecture import KIPaliGemmaWithExpert
 from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.model_inputs import ModelInputs
-from lerobot_ki.transformer import KV, run_stack
+from lerobot_ki.transformer import KV, PrefixCond, run_stack
 from lerobot_ki.variants import BACKBONE_VARIANTS, EXPERT_VARIANTS, VISION_VARIANTS
 from lerobot_ki.vocabulary import VocabLayout, layout_with_placement, vocab_layout
 
@@ -178,19 +178,27 @@ class KIModel(nn.Module):
         return self._backbone(embs, pad, torch.zeros_like(pad))
 
     # --- the expert ---------------------------------------------------------------------------------
-    def embed_suffix(self, noisy_actions: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """pi05's expert input: projected noisy actions (B, T, De) and the adaRMS time condition, (B, De)
-        for a per-sample time (B,) or (B, T, De) for a per-token time (B, T) (training-time RTC), with
-        every tensor made on the device (capturable in a CUDA graph)."""
+    def embed_suffix(
+        self,
+        noisy_actions: Tensor,  # (B, T, A)
+        timestep: Tensor,  # (B,)
+        committed: Tensor | None = None,  # (B, T) bool: training-time RTC positions at flow time 0
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | PrefixCond]:
+        """pi05's expert input: projected noisy actions (B, T, De) and the adaRMS time condition (B, De),
+        with every tensor made on the device (capturable in a CUDA graph). With `committed`, the condition
+        is per token: time 0 on the committed positions, `timestep` elsewhere (a `PrefixCond`)."""
+        if committed is not None:  # one time-MLP pass for both times: (2B,) = [timestep, 0]
+            timestep = torch.cat([timestep, torch.zeros_like(timestep)])
         time_emb = create_sinusoidal_pos_embedding(
-            timestep.reshape(-1),  # LeRobot's embedding takes (N,): per-token times are flattened
+            timestep,
             self.action_in_proj.out_features,
             min_period=self.config.min_period,
             max_period=self.config.max_period,
             device=timestep.device,
-        ).to(timestep.dtype)  # (B, De) or (B*T, De)
+        ).to(timestep.dtype)  # (B, De) or (2B, De)
         cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
-        cond = cond.view(*timestep.shape, -1)  # (B, De) or (B, T, De)
+        if committed is not None:
+            cond = PrefixCond(cond, committed)  # (2B, De): [timestep's, time 0's]
         action_emb = self.action_in_proj(noisy_actions)
         bsz, horizon = action_emb.shape[:2]
         pad = torch.ones(bsz, horizon, dtype=torch.bool, device=action_emb.device)
@@ -198,10 +206,16 @@ class KIModel(nn.Module):
         att[:, 0] = 1  # the expert tokens start a new block that the prefix does not see
         return action_emb, pad, att, cond
 
-    def velocity(self, prefix_kv: list[KV], prefix_pad: Tensor, x_t: Tensor, time: Tensor) -> Tensor:
-        """Flow velocity v(x_t, t) (B, T, A) from the expert reading the prefix K/V (detached if KI);
-        `time` is (B,) or per action position (B, T)."""
-        suffix_embs, _, _, cond = self.embed_suffix(x_t, time)  # (B, T, De), (B, De) or (B, T, De)
+    def velocity(
+        self,
+        prefix_kv: list[KV],
+        prefix_pad: Tensor,  # (B, Lp)
+        x_t: Tensor,  # (B, T, A)
+        time: Tensor,  # (B,)
+        committed: Tensor | None = None,  # (B, T) bool: positions at flow time 0 (training-time RTC)
+    ) -> Tensor:
+        """Flow velocity v(x_t, t) (B, T, A) from the expert reading the prefix K/V (detached if KI)."""
+        suffix_embs, _, _, cond = self.embed_suffix(x_t, time, committed)  # (B, T, De), condition
         bsz, horizon = suffix_embs.shape[:2]
         n_prefix = prefix_pad.shape[1]
         # Expert tokens see every valid prefix token and each other; RoPE positions continue the prompt.
@@ -245,17 +259,18 @@ class KIModel(nn.Module):
         for _ in range(self.config.flow_samples_per_backbone_pass):
             noise = self.sample_noise(actions.shape, actions.device)
             time = self.sample_time(bsz, actions.device)  # (B,)
-            loss_mask = flow_mask
+            t = time[:, None, None]
+            x_t = t * noise + (1 - t) * actions
+            u_t = noise - actions
+            loss_mask, committed = flow_mask, None
             if self.config.rtc_training_max_delay > 0:
                 # Training-time RTC: the first d actions are the committed prefix, given clean (flow time
                 # 0 is the data end of x_t = t * noise + (1 - t) * actions) and not trained on.
                 committed = committed_positions(self.sample_delay(bsz, actions.device), horizon)  # (B, T)
-                time = time[:, None].expand(bsz, horizon).masked_fill(committed, 0.0)  # (B, T)
+                x_t = torch.where(committed[:, :, None], actions, x_t)
                 loss_mask = flow_mask & ~committed[:, :, None]
-            t = time[:, None, None] if time.ndim == 1 else time[:, :, None]  # broadcast over (B, T, A)
-            x_t = t * noise + (1 - t) * actions
-            u_t = noise - actions
-            v_t = self.velocity(prefix_kv, prefix_pad, x_t, time)
+            per_token = () if committed is None else (committed,)  # off: today's call, unchanged
+            v_t = self.velocity(prefix_kv, prefix_pad, x_t, time, *per_token)
             # Mean over the trained (valid, uncommitted) positions: the loss scale does not depend on d.
             n_flow = loss_mask.sum().clamp(min=1)
             loss_flow = loss_flow + ((v_t - u_t) ** 2 * loss_mask).sum() / n_flow
@@ -327,8 +342,8 @@ class KIModel(nn.Module):
         _, prefix_kv = self.prefill(prefix_embs, prefix_pad)
         expert = self._inference_velocity()
 
-        def velocity(x_t: Tensor, time: Tensor) -> Tensor:
-            return expert(prefix_kv, prefix_pad, x_t, time)
+        def velocity(x_t: Tensor, time: Tensor, committed: Tensor | None = None) -> Tensor:
+            return expert(prefix_kv, prefix_pad, x_t, time, committed)
 
         if rtc_processor is not None:  # LeRobot's loop owns the RTC guidance and its debug tracking
             return euler_integrate(
@@ -399,7 +414,7 @@ def committed_positions(delay: Tensor, horizon: int) -> Tensor:
 
 
 def euler_steps(
-    velocity: Callable[[Tensor, Tensor], Tensor],
+    velocity: Callable[..., Tensor],  # (x_t, time (B,)[, committed (B, T)]) -> (B, T, A)
     noise: Tensor,  # (B, T, A)
     num_steps: int,
     committed: Tensor | None = None,  # (B, T, A): committed actions at the first `delay` positions
@@ -421,9 +436,8 @@ def euler_steps(
         x_t = torch.where(keep[:, :, None], committed, x_t)
     for step in range(num_steps):
         time = torch.full((noise.shape[0],), 1.0 + step * dt, dtype=torch.float32, device=noise.device)
-        if keep is not None:
-            time = time[:, None].expand_as(keep).masked_fill(keep, 0.0)  # (B, T)
-        x_t = x_t + dt * velocity(x_t, time)
-        if keep is not None:
-            x_t = torch.where(keep[:, :, None], committed, x_t)
+        if keep is None:
+            x_t = x_t + dt * velocity(x_t, time)
+        else:  # the committed positions at time 0 (see embed_suffix), kept at the committed actions
+            x_t = torch.where(keep[:, :, None], committed, x_t + dt * velocity(x_t, time, keep))
     return x_t
