@@ -71,7 +71,10 @@ class KIPolicy(PreTrainedPolicy):
             report = load_paligemma_backbone(self, config, config.paligemma_pretrained_path)
             logger.info(report.summary())
         self.num_fast_decode_failures = 0
-        self.num_clamped_rtc_delays = 0  # training-time RTC: engine delays above rtc_training_max_delay
+        # Training-time RTC: chunks sampled with a committed prefix inpainted, and how many of the engine's
+        # delays were above rtc_training_max_delay (clamped).
+        self.num_inpainted_chunks = 0
+        self.num_clamped_rtc_delays = 0
         # VLM co-training (README "VLM co-training"): the policy draws VLM examples at each training step.
         self.vlm_cotraining = (
             VLMCoTraining(config, len(config.image_features)) if config.vlm_dataset is not None else None
@@ -338,6 +341,13 @@ class KIPolicy(PreTrainedPolicy):
         d = min(d, prev.shape[1])  # the engine hands at most execution_horizon actions
         committed = noise.new_zeros(bsz, horizon, width)
         committed[:, :d, : prev.shape[-1]] = prev[:, :d].to(device=noise.device, dtype=noise.dtype)
+        self.num_inpainted_chunks += 1
+        if self.num_inpainted_chunks == 1:  # once: says which RTC a rollout log's run used
+            logger.info(
+                "Training-time RTC (rtc_training_max_delay=%d): inpainting the committed actions, "
+                "no guidance.",
+                max_delay,
+            )
         return committed, torch.full((bsz,), d, dtype=torch.long, device=noise.device)
 
     def _decode_fast(self, inputs: ModelInputs) -> Tensor:

@@ -4,6 +4,7 @@ tests/plugins/ (motors that follow the commands, cameras that draw the joints). 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import CHUNK_SIZE
+from conftest import CHUNK_SIZE, run_logged, venv_script
 from rollout_setup import (
     FPS,
     TASK,
@@ -160,6 +161,37 @@ def test_rtc_guides_the_flow_sampler_toward_the_committed_prefix(ckpt):
 
     policy.config.inference_mode = "fast"
     assert not supports_rtc_inference(policy)
+
+
+@pytest.fixture(scope="module")
+def trained_rtc_ckpt(dataset_root, offline_env, tiny_train_args, tmp_path_factory):
+    """A short `lerobot-train` run with training-time RTC (the flag through LeRobot's CLI)."""
+    work = tmp_path_factory.mktemp("train_rtc")
+    args = ["--batch_size=4", "--steps=10", "--save_freq=10", "--log_freq=5", "--seed=1000"]
+    cmd = [
+        venv_script("lerobot-train"),
+        *tiny_train_args(dataset_root, work / "run", *args, "--policy.rtc_training_max_delay=3"),
+    ]
+    log = run_logged(cmd, offline_env, work / "train.log")
+    assert "loss_flow" in log
+    return work / "run" / "checkpoints" / "000010" / "pretrained_model"
+
+
+def test_rtc_rollout_of_a_training_time_rtc_checkpoint_inpaints(trained_rtc_ckpt, env, tmp_path):
+    """lerobot-rollout --inference.type=rtc with a checkpoint trained with rtc_training_max_delay: the
+    policy inpaints the committed actions (its one-time log line) instead of LeRobot's guidance, and the
+    loop runs at rate and records as with guided RTC."""
+    assert json.loads((trained_rtc_ckpt / "config.json").read_text())["rtc_training_max_delay"] == 3
+    out = tmp_path / "rtc_trained"
+    cmd = rollout_cmd(
+        trained_rtc_ckpt, out, "--strategy.type=sentry", "--dataset.video=false", NO_RETURN, *RTC_ARGS
+    )
+    run = run_rollout(cmd, env, out)
+    assert run.returncode == 0, run.tail()
+    assert "RTC inference thread started" in run.log and "RTC inference error" not in run.log, run.tail()
+    assert "Training-time RTC (rtc_training_max_delay=3): inpainting" in run.log, run.tail()
+    check_rate(run)
+    check_recording(run)
 
 
 def test_inference_mode_fast_refuses_rtc_clearly_and_runs_sync(ckpt, env, tmp_path):
