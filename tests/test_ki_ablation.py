@@ -174,6 +174,15 @@ def test_rerun_skips_finished_runs(experiment, capsys):
     assert "done already" in capsys.readouterr().out
 
 
+def test_a_run_killed_after_an_intermediate_checkpoint_is_not_done(tmp_path):
+    ckpts = tmp_path / "train" / "checkpoints"
+    (ckpts / "000150" / "pretrained_model").mkdir(parents=True)
+    (ckpts / "last").symlink_to(ckpts / "000150")  # what lerobot-train leaves after the first save
+    assert not ablation.training_done(tmp_path / "train", 600)
+    (ckpts / "000600" / "pretrained_model").mkdir(parents=True)
+    assert ablation.training_done(tmp_path / "train", 600)
+
+
 def test_a_failed_stage_raises_in_the_runner(tmp_path):
     """The run at hand must stop with the stage's log tail (a worker then exits non-zero)."""
     with pytest.raises(RuntimeError, match="exit 3") as err:

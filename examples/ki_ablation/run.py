@@ -299,6 +299,12 @@ def backbone_shift(checkpoint: Path, vlm: Path) -> float:
     return (num / den) ** 0.5
 
 
+def training_done(train_dir: Path, steps: int) -> bool:
+    """Whether lerobot-train saved the checkpoint of the last step. Not `checkpoints/last`: a run killed
+    after an intermediate save has that link too, and evaluating it would report a shorter run."""
+    return (train_dir / "checkpoints" / f"{steps:06d}" / "pretrained_model").is_dir()
+
+
 def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
     from evaluate import heldout_chunk_mse
 
@@ -310,7 +316,7 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     train_dir = run_dir / "train"
     train_time = run_dir / "train_seconds.txt"  # survives a resume that skips the finished training
-    if not (train_dir / "checkpoints" / "last").exists():
+    if not training_done(train_dir, args.steps):
         shutil.rmtree(train_dir, ignore_errors=True)
         t0 = time.perf_counter()
         run(train_command(arm, seed, args, out, train_dir), run_dir / "train.log")
