@@ -19,6 +19,7 @@ from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.cuda_graphs import GraphedSampler
 from lerobot_ki.fast import FASTDecodeError
 from lerobot_ki.fast_artifacts import (
+    DEFAULT_MAX_FAST_TOKENS,
     LEGACY_FAST_STATE_KEY,
     ActionTokenizer,
     configured_action_tokenizer,
@@ -309,7 +310,9 @@ class KIPolicy(PreTrainedPolicy):
                 "--policy.fast_tokenizer_path=DIR (lerobot-ki-fit-fast)."
             )
         layout = self.model.layout
-        ids = self.model.generate(inputs, self.config.max_fast_tokens, layout.eos_id, layout.fast_lm_range())
+        # None only for a policy whose processors were never built (they settle it): pi0.5's budget.
+        budget = self.config.max_fast_tokens or DEFAULT_MAX_FAST_TOKENS
+        ids = self.model.generate(inputs, budget, layout.eos_id, layout.fast_lm_range())
         rows = []
         for row in ids.tolist():
             row = row[: row.index(layout.eos_id)] if layout.eos_id in row else row

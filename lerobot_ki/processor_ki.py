@@ -41,6 +41,7 @@ from lerobot_ki.fast_artifacts import (
     ActionTokenizer,
     fast_from_tensor,
     fast_to_tensor,
+    resolve_fast_budget,
     resolve_fast_tokenizer,
 )
 from lerobot_ki.text_tokenizer import TextTokenizer, load_text_tokenizer
@@ -291,7 +292,11 @@ def make_ki_vla_pre_post_processors(
     _check_quantile_stats(config, dataset_stats)
     steps = make_default_policy_processor_steps(config, dataset_stats)
     layout = vocab_layout(config.text_tokenizer, config.fast_vocab_size)
-    fast = fast_tokenizer or resolve_fast_tokenizer(config, dataset_stats)
+    if fast_tokenizer is None:
+        fast = resolve_fast_tokenizer(config, dataset_stats)  # also settles config.max_fast_tokens
+    else:
+        fast = fast_tokenizer
+        resolve_fast_budget(config, None)
     input_steps: list[ProcessorStep] = [
         steps.rename_observations,
         steps.add_batch_dim,
