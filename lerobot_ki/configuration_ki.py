@@ -14,6 +14,7 @@ from lerobot_ki.variants import BACKBONE_VARIANTS, EXPERT_VARIANTS
 
 PALIGEMMA_TOKENIZER = "google/paligemma-3b-pt-224"
 BYTE_TOKENIZER = "byte"
+EMPTY_CAMERA = "empty_camera_"  # key infix of the blank cameras `empty_cameras` declares
 
 
 @PreTrainedConfig.register_subclass("ki_vla")
@@ -189,8 +190,19 @@ class KIConfig(PreTrainedConfig):
             self.text_tokenizer = BYTE_TOKENIZER if self.paligemma_variant == "tiny" else PALIGEMMA_TOKENIZER
 
     def validate_features(self) -> None:
+        features = self.input_features
+        real_cameras = [k for k in self.image_features if EMPTY_CAMERA not in k]
+        # Empty input features: a config not tied to any data yet (e.g. sizing a model); data without a
+        # camera is refused here, before the FAST fit and the model build it would otherwise reach.
+        if self.input_features and not real_cameras:
+            raise ValueError(
+                f"ki_vla needs at least one real camera, but the input features are {sorted(features)} (no "
+                "image). Its vision-language backbone reads the robot's camera images; "
+                "--policy.empty_cameras only adds blank, masked-out views beside real ones. Use a dataset "
+                "with camera images (if they are stored under other names, map them with --rename_map)."
+            )
         for i in range(self.empty_cameras):
-            key = f"observation.images.empty_camera_{i}"
+            key = f"observation.images.{EMPTY_CAMERA}{i}"
             self.input_features[key] = PolicyFeature(
                 type=FeatureType.VISUAL, shape=(3, *self.image_resolution)
             )

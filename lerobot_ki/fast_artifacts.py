@@ -82,6 +82,7 @@ def load_action_chunks(
     episode = np.asarray(table["episode_index"])  # (F,)
     if len(actions) == 0:
         raise ValueError(f"The dataset {repo_id!r} has no frames: nothing to fit FAST on.")
+    _check_finite_actions(repo_id, actions, np.asarray(table["index"]), episode)
     # Last frame index of each frame's episode (frames of an episode are contiguous).
     change = np.flatnonzero(np.diff(episode)) + 1
     ends = np.repeat(
@@ -90,6 +91,27 @@ def load_action_chunks(
     starts = np.unique(np.linspace(0, len(actions) - 1, num=min(max_chunks, len(actions))).astype(int))
     idx = np.minimum(starts[:, None] + np.arange(chunk_size)[None], ends[starts][:, None])  # (N, T)
     return actions[idx]
+
+
+def _check_finite_actions(
+    repo_id: str, actions: np.ndarray, frames: np.ndarray, episodes: np.ndarray
+) -> None:
+    """Names the raw frames with NaN/Inf actions; found later, in the fitted chunks, a single bad value has
+    been copied into every chunk that covers it and its origin is lost."""
+    bad = ~np.isfinite(actions)  # (F, A)
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad.any(axis=1))
+    dims = np.flatnonzero(bad.any(axis=0))
+    bad_episodes = np.unique(episodes[rows]).tolist()
+    more = " ..." if len(rows) > 10 else ""
+    raise ValueError(
+        f"The dataset {repo_id!r} has NaN/Inf in '{ACTION}' at {int(bad.sum())} value(s): dimension(s) "
+        f"{dims.tolist()}, frame index(es) {frames[rows][:10].tolist()}{more} in episode(s) {bad_episodes}. "
+        "FAST cannot be fitted on, nor a policy trained with, non-finite actions: clean the dataset (fix "
+        "those frames, or drop their episodes: lerobot-edit-dataset --operation.type=delete_episodes "
+        f'--operation.episode_indices="{bad_episodes}") and recompute its stats.'
+    )
 
 
 def normalize_action_chunks(chunks: np.ndarray, config: Any, stats: dict) -> np.ndarray:
