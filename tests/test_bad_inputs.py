@@ -315,3 +315,35 @@ def test_nan_action_names_feature_dimension_frame_and_episode(tmp_path):
         r"in episode\(s\) \[1\].*clean the dataset.*--operation.episode_indices=\"\[1\]\"",
     ):
         make_ki_vla_pre_post_processors(cfg, meta.stats)
+
+
+# --- loading a checkpoint -------------------------------------------------------------------------------
+
+
+def test_missing_checkpoint_directory_is_named(tmp_path):
+    gone = tmp_path / "run" / "checkpoints" / "last" / "pretrained_model"
+    with pytest.raises(FileNotFoundError, match=rf"No checkpoint directory at {gone}: it does not exist"):
+        KIPolicy.from_pretrained(gone)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        KIPolicy.from_pretrained(str(gone))
+
+
+def test_truncated_weights_file_is_named(setup, tmp_path):
+    policy, _, _, _ = setup
+    policy.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(OSError, match=rf"{weights} cannot be read.*truncated or corrupt"):
+        KIPolicy.from_pretrained(tmp_path)
+
+
+def test_config_that_disagrees_with_the_weights_names_the_field(setup, tmp_path):
+    import json
+
+    policy, _, _, _ = setup
+    policy.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["max_action_dim"] = 12  # trained with 8
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"does not match its weights.*action_.*_proj.*max_action_dim=12"):
+        KIPolicy.from_pretrained(tmp_path)
