@@ -248,8 +248,10 @@ class KIPolicy(PreTrainedPolicy):
 
     # --- training -----------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor], reduction: str = "mean") -> tuple[Tensor, dict]:
-        if reduction != "mean":
-            raise ValueError("ki_vla returns a batch-mean loss only; per-sample weighting is not supported.")
+        """The training loss: a scalar, or with reduction="none" per-sample losses (B,) whose mean is that
+        scalar, for LeRobot's per-sample weighting (`--sample_weighting.type=...`, as pi05 offers)."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none' (per-sample losses), got {reduction!r}.")
         actions = self._check_actions(batch)
         bsz, horizon, action_dim = actions.shape
         step_ok = ~batch.get(
@@ -263,18 +265,19 @@ class KIPolicy(PreTrainedPolicy):
             batch[ACTION_TOKEN_MASK].bool(),
             pad_vector(actions, self.config.max_action_dim),
             flow_mask,
+            reduction=reduction,
         )
         loss = (
             self.config.fast_loss_weight * out["loss_fast_ce"]
             + self.config.flow_loss_weight * out["loss_flow"]
         )
-        info = {k: float(v.detach()) for k, v in out.items()}
+        info = {k: float(v.detach().mean()) for k, v in out.items()}
         if self.vlm_cotraining is not None and self.training:  # evaluation batches draw no VLM examples
             vlm_loss, vlm_info = self.vlm_cotraining.loss(self.model, bsz)
             if vlm_loss is not None:
                 loss = loss + self.config.vlm_loss_weight * vlm_loss
             info.update(vlm_info)
-        info["loss"] = float(loss.detach())
+        info["loss"] = float(loss.detach().mean())
         return loss, info
 
     # --- inference ----------------------------------------------------------------------------------
