@@ -64,6 +64,18 @@ def test_a_budget_set_too_small_stops_at_startup_with_the_value_to_pass(arm7):
     assert cfg.max_fast_tokens == 64
 
 
+def test_a_pretrained_fast_tokenizer_is_measured_on_the_training_data(arm7, tmp_path):
+    """With --policy.fast_tokenizer_path nothing is fitted, yet the budget is sized from the same counts."""
+    root, meta = arm7
+    tok, stats = fit_fast_on_dataset(REPO_ID, root, _config(meta), meta.stats)
+    tok.save_pretrained(tmp_path / "fast")
+    cfg = _config(meta, fast_tokenizer_path=str(tmp_path / "fast"))
+    pre, _ = make_ki_vla_pre_post_processors(cfg, meta.stats)
+    assert cfg.max_fast_tokens == fast_budget_for(stats["max_tokens"])
+    fast_step = next(s for s in pre.steps if type(s).__name__ == "KIFastTokenizerStep")
+    assert fast_step.max_fast_tokens == cfg.max_fast_tokens
+
+
 def test_lerobot_train_sizes_an_unset_budget_from_the_data(arm7, tmp_path, offline_env):
     """Two lerobot-train steps on 50-step chunks of 7 dims with max_fast_tokens left unset: it runs, and
     the policy's config.json and the preprocessor's FAST step record the same sized budget."""
