@@ -50,8 +50,8 @@ def test_state_wider_than_config(setup):
     _, pre, _, ds = setup
     obs = _obs(_raw(ds))
     obs["observation.state"] = torch.zeros(2, 9)
-    # The normalizer sees the width mismatch first or our prompt step does; either names the size.
-    with pytest.raises((ValueError, RuntimeError), match=r"max_state_dim|size|shape"):
+    # The input check names the width before the normalizer would fail on it.
+    with pytest.raises(ValueError, match=r"'observation.state' has 9 values.*expects 4"):
         pre(obs)
 
 
