@@ -51,6 +51,7 @@ from transformers.models.auto import CONFIG_MAPPING
 
 from lerobot_ki import model_inputs, variants
 from lerobot_ki.configuration_ki import PALIGEMMA_TOKENIZER, KIConfig
+from lerobot_ki.fast_artifacts import DEFAULT_MAX_FAST_TOKENS
 from lerobot_ki.modeling_ki import KIPolicy
 
 STATE_DIM, ACTION_DIM, CHUNK, PROMPT_LEN, PROMPT_VALID = 8, 7, 50, 200, 48
@@ -143,6 +144,8 @@ def build(name: str, size: Size, dtype: str, device: str, **ki_overrides):
         device=device,
     )
     if name == "ki_vla":
+        # The budget the measurements were taken with (no dataset here to size it from).
+        ki_overrides = {"max_fast_tokens": DEFAULT_MAX_FAST_TOKENS, **ki_overrides}
         cfg = KIConfig(text_tokenizer=PALIGEMMA_TOKENIZER, **common, **ki_overrides)
         cls = KIPolicy
     elif name == "pi05":

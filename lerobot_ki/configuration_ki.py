@@ -9,11 +9,12 @@ from lerobot.optim import AdamWConfig, CosineDecayWithWarmupSchedulerConfig
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 from lerobot.utils.constants import ACTION, OBS_STATE
 
-from lerobot_ki.naive_tokens import NAIVE_BINS, naive_budget_error
+from lerobot_ki.naive_tokens import NAIVE_BINS, naive_budget_error, naive_tokens_per_chunk
 from lerobot_ki.variants import BACKBONE_VARIANTS, EXPERT_VARIANTS
 
 PALIGEMMA_TOKENIZER = "google/paligemma-3b-pt-224"
 BYTE_TOKENIZER = "byte"
+EMPTY_CAMERA = "empty_camera_"  # key infix of the blank cameras `empty_cameras` declares
 
 
 @PreTrainedConfig.register_subclass("ki_vla")
@@ -83,7 +84,11 @@ class KIConfig(PreTrainedConfig):
     fast_vocab_size: int = 1024
     fast_scale: float = 10.0
     fast_fit_max_chunks: int = 4000
-    max_fast_tokens: int = 64  # FAST tokens per chunk the backbone reads and predicts, EOS included
+    # FAST tokens per chunk the backbone reads and predicts, EOS included. None => sized when training
+    # starts, before the first step (`fast_artifacts.resolve_fast_budget`): the longest chunk of the FAST
+    # fit + EOS, rounded up to a multiple of 8 (chunk_size x action dims + EOS for naive tokens). The
+    # chosen value is written into this config, so the checkpoint's config.json records it.
+    max_fast_tokens: int | None = None
     fast_overflow: str = "error"  # "error" | "truncate" (warned and counted) for chunks over budget
     fast_decode_max_failures: int = -1  # inference_mode=fast: -1 => never raise, zeros + counted warning
 
@@ -176,7 +181,7 @@ class KIConfig(PreTrainedConfig):
             raise ValueError(f"image_resolution must be square for SigLIP, got {self.image_resolution}")
         if self.flow_samples_per_backbone_pass < 1:
             raise ValueError("flow_samples_per_backbone_pass must be >= 1")
-        if self.max_fast_tokens < 2:
+        if self.max_fast_tokens is not None and self.max_fast_tokens < 2:
             raise ValueError("max_fast_tokens must leave room for at least one FAST token and EOS")
         if self.optimizer_lr is None:
             self.optimizer_lr = 1e-3 if self.paligemma_variant == "tiny" else 2.5e-5
@@ -196,8 +201,19 @@ class KIConfig(PreTrainedConfig):
             self.text_tokenizer = BYTE_TOKENIZER if self.paligemma_variant == "tiny" else PALIGEMMA_TOKENIZER
 
     def validate_features(self) -> None:
+        features = self.input_features
+        real_cameras = [k for k in self.image_features if EMPTY_CAMERA not in k]
+        # Empty input features: a config not tied to any data yet (e.g. sizing a model); data without a
+        # camera is refused here, before the FAST fit and the model build it would otherwise reach.
+        if self.input_features and not real_cameras:
+            raise ValueError(
+                f"ki_vla needs at least one real camera, but the input features are {sorted(features)} (no "
+                "image). Its vision-language backbone reads the robot's camera images; "
+                "--policy.empty_cameras only adds blank, masked-out views beside real ones. Use a dataset "
+                "with camera images (if they are stored under other names, map them with --rename_map)."
+            )
         for i in range(self.empty_cameras):
-            key = f"observation.images.empty_camera_{i}"
+            key = f"observation.images.{EMPTY_CAMERA}{i}"
             self.input_features[key] = PolicyFeature(
                 type=FeatureType.VISUAL, shape=(3, *self.image_resolution)
             )
@@ -222,7 +238,9 @@ class KIConfig(PreTrainedConfig):
                 f"pass --policy.max_action_dim={action_dim} (or larger)."
             )
         if self.action_tokenizer == "naive":
-            # Checked here, when the policy is built, not when the first batch overflows the budget.
+            # Sized or checked here, when the policy is built, not when the first batch overflows it.
+            if self.max_fast_tokens is None:
+                self.max_fast_tokens = naive_tokens_per_chunk(self.chunk_size, action_dim)
             error = naive_budget_error(self.chunk_size, action_dim, self.max_fast_tokens)
             if error:
                 raise ValueError(error)

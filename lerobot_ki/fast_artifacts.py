@@ -24,7 +24,12 @@ from lerobot.processor import NormalizerProcessorStep
 from lerobot.utils.constants import ACTION
 
 from lerobot_ki.fast import FASTTokenizer
-from lerobot_ki.naive_tokens import NAIVE_CONFIG, NaiveActionTokenizer, naive_budget_error
+from lerobot_ki.naive_tokens import (
+    NAIVE_CONFIG,
+    NaiveActionTokenizer,
+    naive_budget_error,
+    naive_tokens_per_chunk,
+)
 
 ActionTokenizer = FASTTokenizer | NaiveActionTokenizer  # what `config.action_tokenizer` selects
 
@@ -32,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 # Where checkpoints written before 2026-11-27 also kept the tokenizer: a buffer of model.safetensors.
 LEGACY_FAST_STATE_KEY = "fast_tokenizer_state"
+
+# `max_fast_tokens` when the config leaves it None and there is no training data to size it from.
+DEFAULT_MAX_FAST_TOKENS = 64
+FAST_BUDGET_MULTIPLE = 8
 
 
 def fast_to_tensor(tok: ActionTokenizer) -> torch.Tensor:
@@ -73,6 +82,7 @@ def load_action_chunks(
     episode = np.asarray(table["episode_index"])  # (F,)
     if len(actions) == 0:
         raise ValueError(f"The dataset {repo_id!r} has no frames: nothing to fit FAST on.")
+    _check_finite_actions(repo_id, actions, np.asarray(table["index"]), episode)
     # Last frame index of each frame's episode (frames of an episode are contiguous).
     change = np.flatnonzero(np.diff(episode)) + 1
     ends = np.repeat(
@@ -81,6 +91,27 @@ def load_action_chunks(
     starts = np.unique(np.linspace(0, len(actions) - 1, num=min(max_chunks, len(actions))).astype(int))
     idx = np.minimum(starts[:, None] + np.arange(chunk_size)[None], ends[starts][:, None])  # (N, T)
     return actions[idx]
+
+
+def _check_finite_actions(
+    repo_id: str, actions: np.ndarray, frames: np.ndarray, episodes: np.ndarray
+) -> None:
+    """Names the raw frames with NaN/Inf actions; found later, in the fitted chunks, a single bad value has
+    been copied into every chunk that covers it and its origin is lost."""
+    bad = ~np.isfinite(actions)  # (F, A)
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad.any(axis=1))
+    dims = np.flatnonzero(bad.any(axis=0))
+    bad_episodes = np.unique(episodes[rows]).tolist()
+    more = " ..." if len(rows) > 10 else ""
+    raise ValueError(
+        f"The dataset {repo_id!r} has NaN/Inf in '{ACTION}' at {int(bad.sum())} value(s): dimension(s) "
+        f"{dims.tolist()}, frame index(es) {frames[rows][:10].tolist()}{more} in episode(s) {bad_episodes}. "
+        "FAST cannot be fitted on, nor a policy trained with, non-finite actions: clean the dataset (fix "
+        "those frames, or drop their episodes: lerobot-edit-dataset --operation.type=delete_episodes "
+        f'--operation.episode_indices="{bad_episodes}") and recompute its stats.'
+    )
 
 
 def normalize_action_chunks(chunks: np.ndarray, config: Any, stats: dict) -> np.ndarray:
@@ -122,34 +153,90 @@ def configured_action_tokenizer(config: Any) -> ActionTokenizer | None:
 
 def resolve_fast_tokenizer(config: Any, dataset_stats: dict | None) -> ActionTokenizer | None:
     """The action tokenizer of a new run: `configured_action_tokenizer`, else FAST fitted on the dataset
-    LeRobot is training on (its `make_policy` sets `config._runtime_dataset_meta`), else None."""
+    LeRobot is training on (its `make_policy` sets `config._runtime_dataset_meta`), else None.
+
+    Also settles `config.max_fast_tokens` (`resolve_fast_budget`) from the tokenizer's token counts on the
+    training data, so that a budget too small for the data stops the run here, before its first step."""
     tok = configured_action_tokenizer(config)
+    meta = getattr(config, "_runtime_dataset_meta", None)
+    stats = None
     if tok is not None and config.action_tokenizer == "naive":
-        logger.info("Naive action tokens: %s, max_fast_tokens=%d", tok, config.max_fast_tokens)
+        logger.info("Naive action tokens: %s", tok)
     elif tok is not None:
         logger.info("FAST tokenizer loaded from %s: %s", config.fast_tokenizer_path, tok)
-    else:
-        meta = getattr(config, "_runtime_dataset_meta", None)
         if meta is not None and dataset_stats is not None:
-            tok, stats = fit_fast_on_dataset(meta.repo_id, meta.root, config, dataset_stats)
-            logger.info(
-                "FAST fitted on %s: %d chunks, vocab %d, tokens/chunk mean %.1f p99 %.0f, "
-                "reconstruction MAE %.4f (max %.4f)",
-                meta.repo_id,
-                stats["num_chunks"],
-                stats["vocab_size"],
-                stats["mean_tokens"],
-                stats["p99_tokens"],
-                stats["recon_mae"],
-                stats["recon_max_abs"],
+            chunks = normalize_action_chunks(
+                load_action_chunks(meta.repo_id, meta.root, config.chunk_size, config.fast_fit_max_chunks),
+                config,
+                dataset_stats,
             )
-            if stats["p99_tokens"] + 1 > config.max_fast_tokens:
-                logger.warning(
-                    "p99 of FAST tokens per chunk (%d, +1 EOS) exceeds max_fast_tokens=%d",
-                    stats["p99_tokens"],
-                    config.max_fast_tokens,
-                )
+            stats = tok.stats(chunks)
+    elif meta is not None and dataset_stats is not None:
+        tok, stats = fit_fast_on_dataset(meta.repo_id, meta.root, config, dataset_stats)
+        logger.info(
+            "FAST fitted on %s: %d chunks, vocab %d, tokens/chunk mean %.1f p99 %.0f max %d, "
+            "reconstruction MAE %.4f (max %.4f)",
+            meta.repo_id,
+            stats["num_chunks"],
+            stats["vocab_size"],
+            stats["mean_tokens"],
+            stats["p99_tokens"],
+            stats["max_tokens"],
+            stats["recon_mae"],
+            stats["recon_max_abs"],
+        )
+    resolve_fast_budget(config, stats, meta.repo_id if meta is not None else None)
     return tok
+
+
+def fast_budget_for(max_tokens: int) -> int:
+    """The `max_fast_tokens` that fits chunks of up to `max_tokens` FAST tokens: + EOS, rounded up to a
+    multiple of FAST_BUDGET_MULTIPLE (headroom for chunks the fit sample missed; even sequence lengths)."""
+    return -(-(max_tokens + 1) // FAST_BUDGET_MULTIPLE) * FAST_BUDGET_MULTIPLE
+
+
+def resolve_fast_budget(config: Any, stats: dict | None, dataset: str | None = None) -> int:
+    """Sets `config.max_fast_tokens` when it is None, or checks the value the user set, and returns it.
+
+    `stats` are the action tokenizer's counts on the training chunks (`FASTTokenizer.stats`; None when
+    there is no data to measure). The policy shares this config object (lerobot-train builds it first) and
+    reads the budget only through batches and at decoding, so both agree on the value written here, and the
+    checkpoint's config.json records it.
+    """
+    if config.action_tokenizer == "naive":
+        action_dim = _action_dim(config)
+        if config.max_fast_tokens is None and action_dim is not None:
+            config.max_fast_tokens = naive_tokens_per_chunk(config.chunk_size, action_dim)
+    elif stats is not None:
+        need = int(stats["max_tokens"]) + 1  # EOS included
+        sized = fast_budget_for(int(stats["max_tokens"]))
+        if config.max_fast_tokens is None:
+            config.max_fast_tokens = sized
+            logger.info(
+                "max_fast_tokens=%d: the longest FAST chunk of %s needs %d tokens (EOS included), rounded "
+                "up to a multiple of %d",
+                sized,
+                dataset,
+                need,
+                FAST_BUDGET_MULTIPLE,
+            )
+        elif need > config.max_fast_tokens:
+            message = (
+                f"The FAST tokenizer needs up to {need} tokens per action chunk (EOS included) on the "
+                f"training data {dataset}, but max_fast_tokens={config.max_fast_tokens}"
+            )
+            if config.fast_overflow == "error":
+                # Would otherwise stop training at the first batch holding such a chunk.
+                raise ValueError(
+                    f"{message}. Pass --policy.max_fast_tokens={sized} (or leave the flag out: it is then "
+                    "sized from the data), shorten --policy.chunk_size, or pass "
+                    "--policy.fast_overflow=truncate."
+                )
+            logger.warning("%s: chunks over it are truncated (fast_overflow=truncate).", message)
+    if config.max_fast_tokens is None:  # nothing to measure: a pretrained FAST or a hand-made pipeline
+        config.max_fast_tokens = DEFAULT_MAX_FAST_TOKENS
+        logger.info("max_fast_tokens=%d (default: no training data to size it from)", DEFAULT_MAX_FAST_TOKENS)
+    return config.max_fast_tokens
 
 
 def _action_dim(config: Any) -> int | None:

@@ -11,9 +11,8 @@ from lerobot.policies.common.vla_utils import pad_vector, resize_with_pad_torch
 from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
 from torch import Tensor
 
-from lerobot_ki.configuration_ki import KIConfig
+from lerobot_ki.configuration_ki import EMPTY_CAMERA, KIConfig
 
-EMPTY_CAMERA = "empty_camera_"
 PROMPT_LENGTH_MULTIPLE = 16
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import re
 from collections import deque
 from pathlib import Path
 
@@ -13,12 +14,14 @@ from lerobot.policies.common.vla_utils import pad_vector
 from lerobot.policies.pretrained import PreTrainedPolicy, T
 from lerobot.policies.rtc.modeling_rtc import RTCProcessor
 from lerobot.utils.constants import ACTION, ACTION_TOKEN_MASK, ACTION_TOKENS
+from safetensors import SafetensorError
 from torch import Tensor
 
 from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.cuda_graphs import GraphedSampler
 from lerobot_ki.fast import FASTDecodeError
 from lerobot_ki.fast_artifacts import (
+    DEFAULT_MAX_FAST_TOKENS,
     LEGACY_FAST_STATE_KEY,
     ActionTokenizer,
     configured_action_tokenizer,
@@ -29,6 +32,7 @@ from lerobot_ki.processor_ki import fast_tokenizer_of_checkpoint
 from lerobot_ki.vla_model import KIModel
 from lerobot_ki.vlm_cotraining import STATE_KEY, VLMCoTraining
 from lerobot_ki.weights import (
+    _is_local,
     is_pi05_checkpoint,
     ki_config_from_pi05,
     load_paligemma_backbone,
@@ -92,6 +96,14 @@ class KIPolicy(PreTrainedPolicy):
         strict: bool = True,
         **kwargs,
     ) -> T:
+        local = _is_local(pretrained_name_or_path)
+        if local and not Path(pretrained_name_or_path).expanduser().is_dir():
+            # Else huggingface_hub takes the path for a malformed repo id (HFValidationError).
+            raise FileNotFoundError(
+                f"No checkpoint directory at {pretrained_name_or_path}: it does not exist. Pass the folder "
+                "lerobot-train wrote (<output_dir>/checkpoints/<step or last>/pretrained_model) or a Hub "
+                "repo id."
+            )
         if is_pi05_checkpoint(pretrained_name_or_path, kwargs.get("revision"), ours=cls.name):
             return cls._start_from_pi05(pretrained_name_or_path, config, kwargs)
         kwargs.pop("_weights_follow", None)
@@ -101,6 +113,21 @@ class KIPolicy(PreTrainedPolicy):
         if policy._fast is None:  # not in a pre-refactor model.safetensors (see _load_from_state_dict)
             policy._fast = fast_tokenizer_of_checkpoint(pretrained_name_or_path, kwargs.get("revision"))
         return policy
+
+    @classmethod
+    def _load_as_safetensor(cls, model: T, model_file: str, map_location: str, strict: bool) -> T:
+        """LeRobot's loader, with the file and the config field named when the weights do not load."""
+        try:
+            return super()._load_as_safetensor(model, model_file, map_location, strict)
+        except SafetensorError as e:
+            raise OSError(
+                f"{model_file} cannot be read ({e}): the file is truncated or corrupt (an interrupted "
+                "copy or download?). Copy or download the checkpoint again."
+            ) from e
+        except RuntimeError as e:
+            if "size mismatch" not in str(e):
+                raise
+            raise ValueError(_size_mismatch_message(model_file, model.config, str(e))) from e
 
     @classmethod
     def _start_from_pi05(cls, source: str | Path, config: KIConfig | None, kwargs: dict) -> KIPolicy:
@@ -225,8 +252,10 @@ class KIPolicy(PreTrainedPolicy):
 
     # --- training -----------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor], reduction: str = "mean") -> tuple[Tensor, dict]:
-        if reduction != "mean":
-            raise ValueError("ki_vla returns a batch-mean loss only; per-sample weighting is not supported.")
+        """The training loss: a scalar, or with reduction="none" per-sample losses (B,) whose mean is that
+        scalar, for LeRobot's per-sample weighting (`--sample_weighting.type=...`, as pi05 offers)."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none' (per-sample losses), got {reduction!r}.")
         actions = self._check_actions(batch)
         bsz, horizon, action_dim = actions.shape
         step_ok = ~batch.get(
@@ -240,18 +269,19 @@ class KIPolicy(PreTrainedPolicy):
             batch[ACTION_TOKEN_MASK].bool(),
             pad_vector(actions, self.config.max_action_dim),
             flow_mask,
+            reduction=reduction,
         )
         loss = (
             self.config.fast_loss_weight * out["loss_fast_ce"]
             + self.config.flow_loss_weight * out["loss_flow"]
         )
-        info = {k: float(v.detach()) for k, v in out.items()}
+        info = {k: float(v.detach().mean()) for k, v in out.items()}
         if self.vlm_cotraining is not None and self.training:  # evaluation batches draw no VLM examples
             vlm_loss, vlm_info = self.vlm_cotraining.loss(self.model, bsz)
             if vlm_loss is not None:
                 loss = loss + self.config.vlm_loss_weight * vlm_loss
             info.update(vlm_info)
-        info["loss"] = float(loss.detach())
+        info["loss"] = float(loss.detach().mean())
         return loss, info
 
     # --- inference ----------------------------------------------------------------------------------
@@ -364,7 +394,9 @@ class KIPolicy(PreTrainedPolicy):
                 "--policy.fast_tokenizer_path=DIR (lerobot-ki-fit-fast)."
             )
         layout = self.model.layout
-        ids = self.model.generate(inputs, self.config.max_fast_tokens, layout.eos_id, layout.fast_lm_range())
+        # None only for a policy whose processors were never built (they settle it): pi0.5's budget.
+        budget = self.config.max_fast_tokens or DEFAULT_MAX_FAST_TOKENS
+        ids = self.model.generate(inputs, budget, layout.eos_id, layout.fast_lm_range())
         rows = []
         for row in ids.tolist():
             row = row[: row.index(layout.eos_id)] if layout.eos_id in row else row
@@ -384,3 +416,34 @@ class KIPolicy(PreTrainedPolicy):
                     f"{self.num_fast_decode_failures} undecodable FAST sequences (limit {limit})."
                 )
         return pad_vector(actions.float(), self.config.max_action_dim)
+
+
+# Which config.json field sizes a weight, by a part of its name (the first match wins); the towers'
+# widths and depths come from the variants.
+_SIZED_BY = (
+    ("action_in_proj", "max_action_dim"),
+    ("action_out_proj", "max_action_dim"),
+    ("state_proj", "max_state_dim"),
+    ("embed_tokens", "text_tokenizer / fast_vocab_size"),
+    ("lm_head", "text_tokenizer / fast_vocab_size"),
+    ("gemma_expert", "action_expert_variant"),
+    ("", "paligemma_variant"),
+)
+
+
+def _size_mismatch_message(model_file: str, config: KIConfig, error: str) -> str:
+    """torch's "size mismatch for <name>: ... shape ..." lines -> the config fields that disagree."""
+    lines = re.findall(r"size mismatch for ([\w.]+): (.*)", error)
+    fields = []
+    for name, _ in lines:
+        field = next(f for part, f in _SIZED_BY if part in name)
+        if field not in fields:
+            fields.append(field)
+    now = ", ".join(f"{f}={getattr(config, f)}" for f in fields if hasattr(config, f))
+    first_name, first_shapes = lines[0]
+    return (
+        f"The config.json beside {model_file} does not match its weights: {len(lines)} weight(s) have "
+        f"other shapes, e.g. {first_name}: {first_shapes.rstrip('.')}. The config field(s) that size them: "
+        f"{', '.join(fields)}{f' (config.json says {now})' if now else ''}. Restore the config.json saved "
+        "with these weights, or set those fields to the values they were trained with."
+    )

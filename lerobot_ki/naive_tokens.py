@@ -29,10 +29,16 @@ NAIVE_BINS = 256
 _FORMAT = "lerobot_ki.naive/v1"
 
 
-def naive_budget_error(chunk_size: int, action_dim: int, max_fast_tokens: int) -> str | None:
-    """Why a naive chunk (chunk_size * action_dim tokens + EOS) does not fit `max_fast_tokens`, or None."""
-    need = chunk_size * action_dim + 1
-    if need <= max_fast_tokens:
+def naive_tokens_per_chunk(chunk_size: int, action_dim: int) -> int:
+    """One token per action value plus EOS: the exact length of every naive chunk."""
+    return chunk_size * action_dim + 1
+
+
+def naive_budget_error(chunk_size: int, action_dim: int, max_fast_tokens: int | None) -> str | None:
+    """Why a naive chunk (chunk_size * action_dim tokens + EOS) does not fit `max_fast_tokens`, or None
+    (also when the budget is None: it is then sized to fit)."""
+    need = naive_tokens_per_chunk(chunk_size, action_dim)
+    if max_fast_tokens is None or need <= max_fast_tokens:
         return None
     return (
         f"action_tokenizer=naive writes one token per action value: chunk_size ({chunk_size}) x action "

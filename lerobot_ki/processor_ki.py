@@ -1,7 +1,8 @@
-"""Pre/post-processing pipelines of `ki_vla`, built from LeRobot's default steps plus three of ours.
+"""Pre/post-processing pipelines of `ki_vla`, built from LeRobot's default steps plus four of ours.
 
-pre:  rename -> batch -> normalize (quantiles) -> prompt `Task: <task>, State: <bins>;\\nAction: `
-      -> text tokens -> FAST action tokens (only when actions are present) -> device
+pre:  rename -> batch -> check inputs -> normalize (quantiles)
+      -> prompt `Task: <task>, State: <bins>;\\nAction: ` -> text tokens
+      -> FAST action tokens (only when actions are present) -> device
 post: unnormalize -> cpu
 
 Both tokenizers live in the steps' saved state (safetensors beside the pipeline JSON), so a saved or
@@ -28,6 +29,7 @@ from lerobot.processor import (
     make_policy_processor_pipelines,
 )
 from lerobot.utils.constants import (
+    ACTION,
     ACTION_TOKEN_MASK,
     ACTION_TOKENS,
     OBS_LANGUAGE_ATTENTION_MASK,
@@ -41,6 +43,7 @@ from lerobot_ki.fast_artifacts import (
     ActionTokenizer,
     fast_from_tensor,
     fast_to_tensor,
+    resolve_fast_budget,
     resolve_fast_tokenizer,
 )
 from lerobot_ki.text_tokenizer import TextTokenizer, load_text_tokenizer
@@ -77,6 +80,89 @@ def build_prompts(tasks: list[str], state: torch.Tensor | None) -> list[str]:
         else:
             prompts.append(f"Task: {text}, State: {' '.join(map(str, binned[i]))};\nAction: ")
     return prompts
+
+
+MIN_IMAGE_SIDE = 5  # LeRobot's resize_with_pad takes an image whose last dim is <= 4 for channels-last
+
+
+@ProcessorStepRegistry.register(name="ki_vla_input_check")
+@dataclass
+class KIInputCheckStep(ProcessorStep):
+    """Checks the raw observation against the config's input features, before normalization, so that a
+    wrong format is reported by name here instead of as a tensor-size error deep in LeRobot's normalizer or
+    the model: camera images (float in [0, 1], (B, 3, H, W), at least MIN_IMAGE_SIDE pixels a side), the
+    state's width, and one batch size across images, state, task strings and actions."""
+
+    image_keys: list[str] = field(default_factory=list)
+    state_dim: int | None = None
+    task_key: str = "task"
+
+    @classmethod
+    def for_config(cls, config: KIConfig) -> KIInputCheckStep:
+        state = config.input_features.get(OBS_STATE)
+        return cls(image_keys=list(config.image_features), state_dim=state.shape[-1] if state else None)
+
+    def __call__(self, transition: EnvTransition) -> EnvTransition:
+        obs = transition.get(TransitionKey.OBSERVATION) or {}
+        sizes: dict[str, int] = {}
+        for key in self.image_keys:
+            if key in obs:
+                _check_image(key, obs[key])
+                sizes[key] = obs[key].shape[0]
+        state = obs.get(OBS_STATE)
+        if isinstance(state, torch.Tensor):
+            if self.state_dim is not None and state.shape[-1] != self.state_dim:
+                raise ValueError(
+                    f"'{OBS_STATE}' has {state.shape[-1]} values per sample (shape {tuple(state.shape)}) but "
+                    f"this policy expects {self.state_dim} (its input feature {OBS_STATE}). Send the "
+                    "robot's state with the layout the policy was trained on."
+                )
+            sizes[OBS_STATE] = state.shape[0] if state.ndim > 1 else 1
+        tasks = (transition.get(TransitionKey.COMPLEMENTARY_DATA) or {}).get(self.task_key)
+        if isinstance(tasks, list | tuple) and len(tasks) != 1:  # one string is used for every sample
+            sizes[f"{self.task_key} (strings)"] = len(tasks)
+        action = transition.get(TransitionKey.ACTION)
+        if isinstance(action, torch.Tensor) and action.ndim > 1:
+            sizes[ACTION] = action.shape[0]
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{k}: {n}" for k, n in sizes.items())
+            raise ValueError(
+                f"The batch's parts have different batch sizes ({listed}): every camera, the state, the "
+                "task strings (or one string for all) and the actions need one entry per sample."
+            )
+        return transition
+
+    def get_config(self) -> dict[str, Any]:
+        return {"image_keys": self.image_keys, "state_dim": self.state_dim, "task_key": self.task_key}
+
+    def transform_features(
+        self, features: dict[PipelineFeatureType, dict[str, PolicyFeature]]
+    ) -> dict[PipelineFeatureType, dict[str, PolicyFeature]]:
+        return features
+
+
+def _check_image(key: str, img: Any) -> None:
+    """A camera frame as LeRobot's datasets and env processors give it: float in [0, 1], channels first."""
+    expected = "float images in [0, 1], channels first (B, 3, H, W), as LeRobot's datasets give them"
+    if not isinstance(img, torch.Tensor) or img.ndim != 4 or img.shape[1] != 3:
+        got = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+        raise ValueError(f"Camera '{key}' is {got}; ki_vla expects {expected}.")
+    if not img.is_floating_point():
+        raise ValueError(
+            f"Camera '{key}' is {img.dtype}; ki_vla expects {expected}: convert with "
+            "`img.float() / 255` (uint8 HWC frames: also `.permute(0, 3, 1, 2)`)."
+        )
+    if min(img.shape[-2:]) < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"Camera '{key}' is {img.shape[-2]}x{img.shape[-1]} pixels; ki_vla needs at least "
+            f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} ({expected}). Is it channels-last or a bad crop?"
+        )
+    finite = img[torch.isfinite(img)]  # NaN/Inf are reported by the model's own check
+    if finite.numel() and (finite.max() > 1.5 or finite.min() < -0.5):
+        raise ValueError(
+            f"Camera '{key}' has values in [{float(finite.min()):.3g}, {float(finite.max()):.3g}]; ki_vla "
+            f"expects {expected}. Values in [0, 255] need `/ 255`."
+        )
 
 
 @ProcessorStepRegistry.register(name="ki_vla_prompt")
@@ -217,13 +303,15 @@ class KIFastTokenizerStep(ProcessorStep):
         action = transition.get(TransitionKey.ACTION)
         if action is None:
             return transition
+        # A single step (B, A), e.g. an env or inference batch, is no chunk: nothing to encode, whether
+        # or not this pipeline holds a tokenizer (one built from config + stats alone has none).
+        if action.ndim == 2:
+            return transition
         if self.fast_tokenizer is None:
             raise RuntimeError(
                 "Actions are present but this pipeline has no FAST tokenizer. Train with a dataset (it is "
                 "fitted automatically) or pass --policy.fast_tokenizer_path=DIR (lerobot-ki-fit-fast)."
             )
-        if action.ndim == 2:  # a single step, not a chunk: nothing to supervise with FAST
-            return transition
         if not torch.isfinite(action).all():
             raise ValueError("The action chunk contains NaN or Inf: check the dataset's actions.")
         token_lists = self.fast_tokenizer.encode(action.detach().float().cpu())
@@ -291,10 +379,15 @@ def make_ki_vla_pre_post_processors(
     _check_quantile_stats(config, dataset_stats)
     steps = make_default_policy_processor_steps(config, dataset_stats)
     layout = vocab_layout(config.text_tokenizer, config.fast_vocab_size)
-    fast = fast_tokenizer or resolve_fast_tokenizer(config, dataset_stats)
+    if fast_tokenizer is None:
+        fast = resolve_fast_tokenizer(config, dataset_stats)  # also settles config.max_fast_tokens
+    else:
+        fast = fast_tokenizer
+        resolve_fast_budget(config, None)
     input_steps: list[ProcessorStep] = [
         steps.rename_observations,
         steps.add_batch_dim,
+        KIInputCheckStep.for_config(config),  # before the normalizer, which would fail on a bad shape
         steps.normalize,  # before the prompt: the state is binned from its [-1, 1] normalized value
         KIPromptStep(max_state_dim=config.max_state_dim, state_in_prompt=config.state_mode == "text"),
         KITextTokenizerStep(

@@ -64,9 +64,16 @@ class TextTokenizer:
         mask = torch.zeros((len(texts), max_length), dtype=torch.bool)
         for i, enc in enumerate(self.tokenizer.encode_batch(texts)):
             if len(enc.ids) > max_length:
+                need = len(enc.ids)
+                # A saved preprocessor keeps its own max_length (the config's flag no longer reaches it),
+                # so name both ways of raising it, and the one that needs no change at all.
                 raise ValueError(
-                    f"The prompt needs {len(enc.ids)} tokens but tokenizer_max_length={max_length}: "
-                    f"raise --policy.tokenizer_max_length. Prompt: {texts[i][:120]!r}"
+                    f"The prompt needs {need} tokens but the text tokenizer's max_length is {max_length} "
+                    f"(prompt: {texts[i][:120]!r}). Shorten the task, or raise the limit: when training, "
+                    f"--policy.tokenizer_max_length={need} (or more); with a saved checkpoint, the "
+                    f"`max_length` of its preprocessor's `ki_vla_text_tokenizer` step, e.g. "
+                    f"make_pre_post_processors(..., preprocessor_overrides={{'ki_vla_text_tokenizer': "
+                    f"{{'max_length': {need}}}}}) or in policy_preprocessor.json."
                 )
             ids[i, : len(enc.ids)] = torch.tensor(enc.ids, dtype=torch.long)
             mask[i, : len(enc.ids)] = True

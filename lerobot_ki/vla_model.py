@@ -36,6 +36,14 @@ from lerobot_ki.vocabulary import VocabLayout, layout_with_placement, vocab_layo
 PLACEMENT_KEY = "fast_token_placement"  # (fast_offset, fast_sign) of the VocabLayout the weights use
 
 
+def per_sample_share(sums: Tensor, n_total: Tensor) -> Tensor:
+    """Per-sample losses (B,) from per-sample sums over tokens / action values, for LeRobot's per-sample
+    weighting (`forward(batch, reduction="none")`): each sample's share of the batch-mean loss times B.
+    The batch loss averages over all tokens (a sample with more FAST tokens or fewer padded steps weighs
+    more), so this is what keeps uniform weights equal to it: their mean is exactly the mean loss."""
+    return sums * sums.shape[0] / n_total
+
+
 class KIModel(nn.Module):
     """Backbone + expert (pi05's module tree), the two losses, the flow sampler and token decoding."""
 
@@ -247,15 +255,19 @@ class KIModel(nn.Module):
         fast_mask: Tensor,  # (B, Lf) bool
         actions: Tensor,  # (B, T, max_action_dim) normalized, zero-padded dims
         flow_mask: Tensor,  # (B, T, max_action_dim) bool: real steps x real dims
+        reduction: str = "mean",
     ) -> dict[str, Tensor]:
+        """The two losses: scalars, or with reduction="none" per sample (B,) (see `per_sample_share`)."""
         prefix_embs, prefix_pad = self.embed_prefix(inputs)
         bsz, n_prefix = prefix_pad.shape
-        _, kv, loss_fast, fast_acc = self.next_token_ce(prefix_embs, prefix_pad, fast_ids, fast_mask)
+        _, kv, loss_fast, fast_acc = self.next_token_ce(
+            prefix_embs, prefix_pad, fast_ids, fast_mask, reduction=reduction
+        )
 
         # The image+prompt K/V do not depend on the FAST tokens (prefix rows never attend to them).
         prefix_kv = [(k[:, :, :n_prefix], v[:, :, :n_prefix]) for k, v in kv]
         horizon = actions.shape[1]
-        loss_flow = actions.new_zeros(())
+        loss_flow = actions.new_zeros(() if reduction == "mean" else (bsz,))
         for _ in range(self.config.flow_samples_per_backbone_pass):
             noise = self.sample_noise(actions.shape, actions.device)
             time = self.sample_time(bsz, actions.device)  # (B,)
@@ -273,7 +285,11 @@ class KIModel(nn.Module):
             v_t = self.velocity(prefix_kv, prefix_pad, x_t, time, *per_token)
             # Mean over the trained (valid, uncommitted) positions: the loss scale does not depend on d.
             n_flow = loss_mask.sum().clamp(min=1)
-            loss_flow = loss_flow + ((v_t - u_t) ** 2 * loss_mask).sum() / n_flow
+            err = (v_t - u_t) ** 2 * loss_mask
+            if reduction == "mean":
+                loss_flow = loss_flow + err.sum() / n_flow
+            else:
+                loss_flow = loss_flow + per_sample_share(err.sum(dim=(1, 2)), n_flow)
         loss_flow = loss_flow / self.config.flow_samples_per_backbone_pass
         return {"loss_fast_ce": loss_fast, "loss_flow": loss_flow, "fast_token_acc": fast_acc}
 
@@ -290,9 +306,11 @@ class KIModel(nn.Module):
         prefix_pad: Tensor,  # (B, Lp) bool
         ids: Tensor,  # (B, L) target LM ids (FAST tokens or answer text, + EOS), right-padded
         mask: Tensor,  # (B, L) bool
+        reduction: str = "mean",
     ) -> tuple[Tensor, list[KV], Tensor, Tensor]:
         """One backbone pass over [prefix | ids] (prefix-LM: ids causal) and the next-token CE on `ids`
-        only. Returns hidden (B, Lp + L, D), per-layer K/V, the mean CE and the token accuracy."""
+        only. Returns hidden (B, Lp + L, D), per-layer K/V, the mean CE (reduction="none": per sample,
+        see `per_sample_share`) and the token accuracy."""
         bsz, n_prefix = prefix_pad.shape
         mask = mask.bool()
         embs = self.paligemma_with_expert.embed_language_tokens(ids).to(prefix_embs.dtype)
@@ -316,7 +334,12 @@ class KIModel(nn.Module):
         targets = ids[mask]  # (N,)
         logits = self.paligemma_with_expert.lm_logits(pred_hidden[mask])  # (N, V)
         n_tokens = mask.sum().clamp(min=1)
-        loss = F.cross_entropy(logits, targets, reduction="sum") / n_tokens
+        if reduction == "mean":
+            loss = F.cross_entropy(logits, targets, reduction="sum") / n_tokens
+        else:
+            ce = F.cross_entropy(logits, targets, reduction="none")  # (N,), in mask's row-major order
+            rows = mask.nonzero()[:, 0]
+            loss = per_sample_share(ce.new_zeros(bsz).index_add_(0, rows, ce), n_tokens)
         acc = (logits.argmax(-1) == targets).sum() / n_tokens
         return hidden, kv, loss, acc
 

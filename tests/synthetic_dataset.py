@@ -87,3 +87,43 @@ def make_dataset(
         ds.save_episode()
     ds.finalize()
     return ds
+
+
+def make_random_walk_dataset(
+    root: Path,
+    repo_id: str = "local/ki_random_walk",
+    action_dim: int = 7,
+    cameras: int = 1,
+    episodes: int = 3,
+    length: int = 60,
+    seed: int = 0,
+    nan_at: tuple[int, int] | None = None,
+):
+    """A dataset shaped like an ordinary arm's (7-dim state = action, random-walk joints, one task) for the
+    tests of bad data: `cameras` may be 0, and `nan_at=(frame, dim)` writes one NaN into that frame's
+    action (frame counted over the whole dataset)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    features = {
+        f"observation.images.cam{c}": {
+            "dtype": "image",
+            "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
+            "names": ["height", "width", "channels"],
+        }
+        for c in range(cameras)
+    }
+    for key in ("observation.state", "action"):
+        features[key] = {"dtype": "float32", "shape": (action_dim,), "names": None}
+    ds = LeRobotDataset.create(repo_id, fps=10, features=features, root=root, use_videos=False)
+    rng = np.random.default_rng(seed)
+    for ep in range(episodes):
+        joints = np.cumsum(rng.normal(0, 0.1, (length, action_dim)), axis=0).astype(np.float32)
+        for t in range(length):
+            action = joints[t].copy()
+            if nan_at is not None and ep * length + t == nan_at[0]:
+                action[nan_at[1]] = np.nan
+            frame = {f"observation.images.cam{c}": render(c, joints[t], t) for c in range(cameras)}
+            ds.add_frame({**frame, "observation.state": joints[t].copy(), "action": action, "task": "move"})
+        ds.save_episode()
+    ds.finalize()
+    return ds

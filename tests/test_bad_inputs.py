@@ -50,8 +50,8 @@ def test_state_wider_than_config(setup):
     _, pre, _, ds = setup
     obs = _obs(_raw(ds))
     obs["observation.state"] = torch.zeros(2, 9)
-    # The normalizer sees the width mismatch first or our prompt step does; either names the size.
-    with pytest.raises((ValueError, RuntimeError), match=r"max_state_dim|size|shape"):
+    # The input check names the width before the normalizer would fail on it.
+    with pytest.raises(ValueError, match=r"'observation.state' has 9 values.*expects 4"):
         pre(obs)
 
 
@@ -200,3 +200,150 @@ def test_fast_decoding_without_the_tokenizer_says_where_it_is_saved(setup, tmp_p
     pre.save_pretrained(tmp_path)  # with it, from_pretrained finds the one saved copy
     reloaded = KIPolicy.from_pretrained(tmp_path).fast_tokenizer
     assert torch.equal(fast_to_tensor(reloaded), fast_to_tensor(policy.fast_tokenizer))
+
+
+# --- caught by the preprocessor's input check, before LeRobot's normalizer ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image", "match"),
+    [
+        (lambda img: (img * 255).to(torch.uint8), r"torch.uint8.*float images in \[0, 1\], channels first"),
+        (lambda img: img * 255, r"has values in \[30, 220\].*float images in \[0, 1\].*/ 255"),
+        (lambda img: img * 2 - 1, r"has values in \[-0.765, 0.725\].*float images in \[0, 1\]"),
+        (lambda img: img.permute(0, 2, 3, 1), r"\(2, 32, 32, 3\).*channels first \(B, 3, H, W\)"),
+        (lambda img: img[..., :3], r"32x3 pixels.*at least 5x5"),
+    ],
+    ids=["uint8", "0_255", "minus1_1", "channels_last", "3px_wide"],
+)
+def test_bad_camera_format_is_named(setup, image, match):
+    _, pre, _, ds = setup
+    obs = _obs(_raw(ds))
+    obs[CAMERAS[1]] = image(obs[CAMERAS[1]])
+    with pytest.raises(ValueError, match=rf"Camera '{CAMERAS[1]}'.*{match}"):
+        pre(obs)
+
+
+def test_state_width_is_checked_before_the_normalizer(setup):
+    _, pre, _, ds = setup
+    obs = _obs(_raw(ds))
+    obs["observation.state"] = torch.zeros(2, 3)  # the policy was trained on 4 values
+    with pytest.raises(ValueError, match=r"'observation.state' has 3 values.*expects 4"):
+        pre(obs)
+
+
+@pytest.mark.parametrize("part", ["state", "task"])
+def test_batch_size_mismatch_names_the_sizes(setup, part):
+    _, pre, _, ds = setup
+    obs = _obs(_raw(ds, (0, 1, 2)))  # 3 samples
+    if part == "state":
+        obs["observation.state"] = obs["observation.state"][:2]
+        match = r"different batch sizes.*observation.images.top: 3.*observation.state: 2"
+    else:
+        obs["task"] = obs["task"][:2]
+        match = r"different batch sizes.*observation.state: 3, task \(strings\): 2"
+    with pytest.raises(ValueError, match=match):
+        pre(obs)
+
+
+def test_prompt_too_long_names_the_fix_for_a_saved_checkpoint(setup, tmp_path):
+    """A saved preprocessor keeps its own max_length: the message names the step override that raises it,
+    and that override works."""
+    from lerobot.policies.factory import make_pre_post_processors
+
+    policy, pre, post, ds = setup
+    pre.save_pretrained(tmp_path)
+    post.save_pretrained(tmp_path)
+    obs = _obs(_raw(ds))
+    obs["task"] = ["a very long instruction " * 10] * 2
+    loaded, _ = make_pre_post_processors(policy.config, pretrained_path=str(tmp_path))
+    with pytest.raises(ValueError, match=r"needs (\d+) tokens") as err:
+        loaded(obs)
+    need = int(err.value.args[0].split("needs ")[1].split(" ")[0])
+    assert f"--policy.tokenizer_max_length={need}" in str(err.value)
+    assert f"{{'ki_vla_text_tokenizer': {{'max_length': {need}}}}}" in str(err.value)
+    raised, _ = make_pre_post_processors(
+        policy.config,
+        pretrained_path=str(tmp_path),
+        preprocessor_overrides={"ki_vla_text_tokenizer": {"max_length": need}},
+    )
+    assert raised(obs)["observation.language.tokens"].shape == (2, need)
+
+
+def test_fast_step_without_tokenizer_passes_single_step_actions(setup):
+    """A pipeline built from config + stats alone (no dataset to fit FAST on) handles env/inference
+    batches whose action is one step (B, A); a chunk still needs the tokenizer."""
+    policy, _, _, ds = setup
+    pre, _ = make_ki_vla_pre_post_processors(policy.config, ds.meta.stats)  # no _runtime_dataset_meta
+    raw = _raw(ds)
+    batch = pre({**raw, "action": raw["action"][:, 0]})
+    assert batch["action"].shape == (2, 3) and "action.tokens" not in batch
+    with pytest.raises(RuntimeError, match="no FAST tokenizer"):
+        pre(raw)
+
+
+# --- caught when the policy is configured, before the FAST fit and the model build ----------------------
+
+
+def test_dataset_without_camera_is_refused_by_make_policy(tmp_path):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.policies.factory import make_policy
+    from synthetic_dataset import make_random_walk_dataset
+
+    make_random_walk_dataset(tmp_path / "ds", "local/no_cam", cameras=0, episodes=1, length=12)
+    meta = LeRobotDataset("local/no_cam", root=tmp_path / "ds").meta
+    cfg = tiny_config(max_state_dim=8, max_action_dim=8, empty_cameras=1)
+    cfg.input_features, cfg.output_features = {}, {}  # make_policy takes them from the dataset
+    with pytest.raises(ValueError, match=r"needs at least one real camera.*empty_cameras only adds blank"):
+        make_policy(cfg, ds_meta=meta)
+
+
+def test_nan_action_names_feature_dimension_frame_and_episode(tmp_path):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from synthetic_dataset import make_random_walk_dataset
+
+    make_random_walk_dataset(tmp_path / "ds", "local/nan_action", episodes=3, length=20, nan_at=(25, 4))
+    meta = LeRobotDataset("local/nan_action", root=tmp_path / "ds").meta
+    cfg = tiny_config(chunk_size=10, max_state_dim=8, max_action_dim=8, fast_vocab_size=1024)
+    cfg.input_features = {"observation.images.cam0": PolicyFeature(FeatureType.VISUAL, (3, 32, 32))}
+    cfg.input_features["observation.state"] = PolicyFeature(FeatureType.STATE, (7,))
+    cfg.output_features = {"action": PolicyFeature(FeatureType.ACTION, (7,))}
+    cfg._runtime_dataset_meta = meta
+    with pytest.raises(
+        ValueError,
+        match=r"NaN/Inf in 'action' at 1 value\(s\): dimension\(s\) \[4\], frame index\(es\) \[25\] "
+        r"in episode\(s\) \[1\].*clean the dataset.*--operation.episode_indices=\"\[1\]\"",
+    ):
+        make_ki_vla_pre_post_processors(cfg, meta.stats)
+
+
+# --- loading a checkpoint -------------------------------------------------------------------------------
+
+
+def test_missing_checkpoint_directory_is_named(tmp_path):
+    gone = tmp_path / "run" / "checkpoints" / "last" / "pretrained_model"
+    with pytest.raises(FileNotFoundError, match=rf"No checkpoint directory at {gone}: it does not exist"):
+        KIPolicy.from_pretrained(gone)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        KIPolicy.from_pretrained(str(gone))
+
+
+def test_truncated_weights_file_is_named(setup, tmp_path):
+    policy, _, _, _ = setup
+    policy.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(OSError, match=rf"{weights} cannot be read.*truncated or corrupt"):
+        KIPolicy.from_pretrained(tmp_path)
+
+
+def test_config_that_disagrees_with_the_weights_names_the_field(setup, tmp_path):
+    import json
+
+    policy, _, _, _ = setup
+    policy.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["max_action_dim"] = 12  # trained with 8
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"does not match its weights.*action_.*_proj.*max_action_dim=12"):
+        KIPolicy.from_pretrained(tmp_path)

@@ -34,8 +34,8 @@ from lerobot_ki.fast import FASTTokenizer
 from lerobot_ki.modeling_ki import KIPolicy
 from lerobot_ki.processor_ki import KIFastTokenizerStep
 
-FAST_STATE = "policy_preprocessor_step_5_ki_vla_fast_tokenizer.safetensors"
-TEXT_STATE = "policy_preprocessor_step_4_ki_vla_text_tokenizer.safetensors"
+FAST_STATE = "policy_preprocessor_step_6_ki_vla_fast_tokenizer.safetensors"
+TEXT_STATE = "policy_preprocessor_step_5_ki_vla_text_tokenizer.safetensors"
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_train_logs_both_losses_and_saves_checkpoint(train_run):
         "model.safetensors",
         "policy_preprocessor.json",
         "policy_postprocessor.json",
-        "policy_preprocessor_step_2_normalizer_processor.safetensors",
+        "policy_preprocessor_step_3_normalizer_processor.safetensors",
         "policy_postprocessor_step_0_unnormalizer_processor.safetensors",
         FAST_STATE,
         TEXT_STATE,
@@ -129,7 +129,8 @@ def test_train_logs_both_losses_and_saves_checkpoint(train_run):
 
     pre_cfg = json.loads((pm / "policy_preprocessor.json").read_text())
     registry_names = [s.get("registry_name") for s in pre_cfg["steps"]]
-    assert {"ki_vla_prompt", "ki_vla_text_tokenizer", "ki_vla_fast_tokenizer"} <= set(registry_names)
+    ki_steps = {"ki_vla_input_check", "ki_vla_prompt", "ki_vla_text_tokenizer", "ki_vla_fast_tokenizer"}
+    assert ki_steps <= set(registry_names)
 
     fast_blob = load_file(pm / FAST_STATE)["fast_tokenizer"]
     text_blob = load_file(pm / TEXT_STATE)["tokenizer_json"]
@@ -422,7 +423,7 @@ def test_push_to_hub_uploads_weights_config_and_tokenizers(
     assert {"config.json", "model.safetensors", "train_config.json", "README.md"} == model_up["files"]
     assert pre_up["files"] == {
         "policy_preprocessor.json",
-        "policy_preprocessor_step_2_normalizer_processor.safetensors",
+        "policy_preprocessor_step_3_normalizer_processor.safetensors",
         TEXT_STATE,
         FAST_STATE,
     }
