@@ -59,6 +59,7 @@ DEFAULT_TASKS = "button-press-topdown-v3,reach-v3,push-v3,pick-place-v3"
 REPO_ID = "local/ki_ablation"
 HELDOUT_SEED = 500  # held-out demonstrations; training demos use 0.., evaluation 1000..
 EVAL_SEED = 1000
+FAST_BUDGET = 64  # max_fast_tokens of the FAST arms (their chunks need at most ~40 tokens)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -269,7 +270,12 @@ def train_command(arm: Arm, seed: int, args: argparse.Namespace, out: Path, trai
         # one token per action dimension and chunk step, plus EOS (Meta-World actions have 4 dims)
         cmd += ["--policy.action_tokenizer=naive", f"--policy.max_fast_tokens={args.chunk_size * 4 + 1}"]
     else:
-        cmd.append(f"--policy.fast_tokenizer_path={out / 'fast_tokenizer'}")
+        # The budget every FAST run of this experiment has used (the default before it was sized from the
+        # data): the same sequence layout in every run, whatever the code's default becomes.
+        cmd += [
+            f"--policy.fast_tokenizer_path={out / 'fast_tokenizer'}",
+            f"--policy.max_fast_tokens={FAST_BUDGET}",
+        ]
     return cmd + list(args.train_arg)
 
 
