@@ -71,6 +71,7 @@ class KIPolicy(PreTrainedPolicy):
         # handed in here, read from the checkpoint's preprocessor by `from_pretrained`, or made from the
         # config (see `fast_tokenizer`).
         self._fast = fast_tokenizer
+        self._fast_source: tuple[str | Path, str | None] | None = None  # (checkpoint, revision)
         if config.paligemma_pretrained_path and not kwargs.get("_weights_follow"):
             report = load_paligemma_backbone(self, config, config.paligemma_pretrained_path)
             logger.info(report.summary())
@@ -111,7 +112,9 @@ class KIPolicy(PreTrainedPolicy):
             pretrained_name_or_path, config=config, strict=strict, _weights_follow=True, **kwargs
         )
         if policy._fast is None:  # not in a pre-refactor model.safetensors (see _load_from_state_dict)
-            policy._fast = fast_tokenizer_of_checkpoint(pretrained_name_or_path, kwargs.get("revision"))
+            # Read when first needed: flow inference never needs it, and an offline cache may hold only
+            # the weights.
+            policy._fast_source = (pretrained_name_or_path, kwargs.get("revision"))
         return policy
 
     @classmethod
@@ -183,6 +186,9 @@ class KIPolicy(PreTrainedPolicy):
         `inference_mode=fast`: the one handed to the constructor or set here, else the checkpoint
         preprocessor's (`from_pretrained`), else what the config alone determines (naive bins, or
         `fast_tokenizer_path`). None when it is fitted on a dataset and this policy was not given it."""
+        if self._fast is None and self._fast_source is not None:
+            self._fast = fast_tokenizer_of_checkpoint(*self._fast_source)
+            self._fast_source = None
         if self._fast is None:
             self._fast = configured_action_tokenizer(self.config)
         if self._fast is not None and self._fast.kind != self.config.action_tokenizer:
@@ -195,7 +201,7 @@ class KIPolicy(PreTrainedPolicy):
 
     @fast_tokenizer.setter
     def fast_tokenizer(self, tokenizer: ActionTokenizer | None) -> None:
-        self._fast = tokenizer
+        self._fast, self._fast_source = tokenizer, None
 
     def get_optim_params(self):
         return self.parameters()

@@ -200,6 +200,12 @@ def test_fast_decoding_without_the_tokenizer_says_where_it_is_saved(setup, tmp_p
     pre.save_pretrained(tmp_path)  # with it, from_pretrained finds the one saved copy
     reloaded = KIPolicy.from_pretrained(tmp_path).fast_tokenizer
     assert torch.equal(fast_to_tensor(reloaded), fast_to_tensor(policy.fast_tokenizer))
+    # Read only when fast decoding needs it: flow inference works even if the preprocessor is unreadable
+    # (e.g. an offline cache that holds only the weights).
+    (tmp_path / "policy_preprocessor.json").write_text("not json")
+    flow_only = KIPolicy.from_pretrained(tmp_path)
+    flow_only.config.inference_mode = "flow"
+    assert torch.isfinite(flow_only.predict_action_chunk(pre(_obs(_raw(ds))))).all()
 
 
 # --- caught by the preprocessor's input check, before LeRobot's normalizer ------------------------------
