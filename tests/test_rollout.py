@@ -361,7 +361,9 @@ def test_policy_error_under_rtc_holds_last_action_then_stops(ckpt, env, tmp_path
     )
     run = run_rollout(cmd, env, tmp_path)
     assert "contains NaN or Inf" in run.log and "Fatal error in RTC thread" in run.log, run.tail()
-    assert run.seconds < 35, run.tail()
+    # It shut down by itself, well before the 40 s duration (robot time, connect to disconnect: process
+    # start-up on a loaded machine took ~35 s of wall time and is not the rollout's to answer for).
+    assert run.events[-1]["t"] - run.events[0]["t"] < 35, run.tail()
     first_nan = next(e["t"] for e in run.of("obs") if e["i"] == 20)
     after = run.commands()[len(run.commands(before=first_nan)) :]
     assert len(after) <= CHUNK_SIZE, len(after)  # only the actions computed before the fault
