@@ -122,14 +122,18 @@ def normalize_action_chunks(chunks: np.ndarray, config: Any, stats: dict) -> np.
     return norm._normalize_action(torch.as_tensor(chunks, dtype=torch.float32), inverse=False).numpy()  # noqa: SLF001
 
 
+def training_chunks(
+    repo_id: str, root: str | Path | None, config: Any, stats: dict, episodes: list[int] | None = None
+) -> np.ndarray:
+    """The action chunks (N, T, A) FAST is fitted and measured on, normalized as the processor does."""
+    chunks = load_action_chunks(repo_id, root, config.chunk_size, config.fast_fit_max_chunks, episodes)
+    return normalize_action_chunks(chunks, config, stats)
+
+
 def fit_fast_on_dataset(
     repo_id: str, root: str | Path | None, config: Any, stats: dict, episodes: list[int] | None = None
 ) -> tuple[FASTTokenizer, dict]:
-    chunks = normalize_action_chunks(
-        load_action_chunks(repo_id, root, config.chunk_size, config.fast_fit_max_chunks, episodes),
-        config,
-        stats,
-    )
+    chunks = training_chunks(repo_id, root, config, stats, episodes)
     tok = FASTTokenizer.fit(chunks, vocab_size=config.fast_vocab_size, scale=config.fast_scale)
     return tok, tok.stats(chunks)
 
@@ -165,12 +169,7 @@ def resolve_fast_tokenizer(config: Any, dataset_stats: dict | None) -> ActionTok
     elif tok is not None:
         logger.info("FAST tokenizer loaded from %s: %s", config.fast_tokenizer_path, tok)
         if meta is not None and dataset_stats is not None:
-            chunks = normalize_action_chunks(
-                load_action_chunks(meta.repo_id, meta.root, config.chunk_size, config.fast_fit_max_chunks),
-                config,
-                dataset_stats,
-            )
-            stats = tok.stats(chunks)
+            stats = tok.stats(training_chunks(meta.repo_id, meta.root, config, dataset_stats))
     elif meta is not None and dataset_stats is not None:
         tok, stats = fit_fast_on_dataset(meta.repo_id, meta.root, config, dataset_stats)
         logger.info(
