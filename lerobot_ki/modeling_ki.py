@@ -32,7 +32,7 @@ from lerobot_ki.processor_ki import fast_tokenizer_of_checkpoint
 from lerobot_ki.vla_model import KIModel
 from lerobot_ki.vlm_cotraining import STATE_KEY, VLMCoTraining
 from lerobot_ki.weights import (
-    _is_local,
+    is_local_source,
     is_pi05_checkpoint,
     ki_config_from_pi05,
     load_paligemma_backbone,
@@ -97,7 +97,7 @@ class KIPolicy(PreTrainedPolicy):
         strict: bool = True,
         **kwargs,
     ) -> T:
-        local = _is_local(pretrained_name_or_path)
+        local = is_local_source(pretrained_name_or_path)
         if local and not Path(pretrained_name_or_path).expanduser().is_dir():
             # Else huggingface_hub takes the path for a malformed repo id (HFValidationError).
             raise FileNotFoundError(

@@ -419,7 +419,7 @@ class _SafetensorsReader:
         return self._where[key].get_tensor(key)
 
 
-def _is_local(path_or_repo_id: str | Path) -> bool:
+def is_local_source(path_or_repo_id: str | Path) -> bool:
     """A path that exists, or anything huggingface_hub would not take for a repo id (it decides)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -437,7 +437,7 @@ def _is_local(path_or_repo_id: str | Path) -> bool:
 def _checkpoint_files(path_or_repo_id: str | Path, revision: str | None, first: str) -> list[Path]:
     """The safetensors files of a checkpoint: one `model.safetensors`, or the shards its index names.
     `first` is the layout tried first on the Hub (pi05: a single file; PaliGemma: shards)."""
-    if _is_local(path_or_repo_id):
+    if is_local_source(path_or_repo_id):
         path = Path(path_or_repo_id).expanduser()
         if path.is_file():
             return [path]
@@ -481,7 +481,7 @@ def checkpoint_file(
     path_or_repo_id: str | Path, filename: str, revision: str | None, optional: bool = False
 ) -> str | None:
     """A file of a local dir or a Hub repo. A Hub that cannot be reached is one clear line."""
-    if _is_local(path_or_repo_id):
+    if is_local_source(path_or_repo_id):
         path = Path(path_or_repo_id).expanduser() / filename
         if path.is_file():
             return str(path)
