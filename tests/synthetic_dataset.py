@@ -20,6 +20,11 @@ COLOURS = np.array([[220, 40, 40], [40, 200, 60], [40, 80, 220]], dtype=np.uint8
 SIGNS = np.array([[1, 1, 1], [1, -1, 1], [-1, 1, -1]], dtype=np.float32)  # per task: what the prompt adds
 
 
+def image_feature() -> dict:
+    """One camera of both datasets (a fresh dict each: the dataset owns its features)."""
+    return {"dtype": "image", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3), "names": ["height", "width", "channels"]}
+
+
 def state_at(t: int, length: int, phase: np.ndarray) -> np.ndarray:
     """Each state dim sweeps a full period per episode, so every episode spans [-1, 1] and LeRobot's
     per-episode quantile stats agree with the global ones (they are averaged across episodes)."""
@@ -50,16 +55,8 @@ def make_dataset(
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     features = {
-        "observation.images.top": {
-            "dtype": "image",
-            "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
-            "names": ["height", "width", "channels"],
-        },
-        "observation.images.wrist": {
-            "dtype": "image",
-            "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
-            "names": ["height", "width", "channels"],
-        },
+        "observation.images.top": image_feature(),
+        "observation.images.wrist": image_feature(),
         "observation.state": {
             "dtype": "float32",
             "shape": (STATE_DIM,),
@@ -104,14 +101,7 @@ def make_random_walk_dataset(
     action (frame counted over the whole dataset)."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    features = {
-        f"observation.images.cam{c}": {
-            "dtype": "image",
-            "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
-            "names": ["height", "width", "channels"],
-        }
-        for c in range(cameras)
-    }
+    features = {f"observation.images.cam{c}": image_feature() for c in range(cameras)}
     for key in ("observation.state", "action"):
         features[key] = {"dtype": "float32", "shape": (action_dim,), "names": None}
     ds = LeRobotDataset.create(repo_id, fps=10, features=features, root=root, use_videos=False)
