@@ -7,6 +7,7 @@ LeRobot's RobotClient, unchanged, on the simulated robot of tests/plugins/; ever
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import socket
@@ -38,14 +39,26 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Iterator[Path]:
     """LeRobot's async modules create `logs/` in the working directory when imported: keep it out of the
-    repository by importing them (and running the servers) from a scratch folder."""
+    repository by importing them (and running the servers) from a scratch folder. Importing them also
+    re-initializes the root logger (LeRobot's init_logging: its handlers replaced, level NOTSET); put it
+    back afterwards, so that the test modules run after this one log as before."""
     work = tmp_path_factory.mktemp("async")
     before = os.getcwd()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     os.chdir(work)
     try:
         yield work
     finally:
         os.chdir(before)
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
