@@ -162,19 +162,29 @@ def ki_server(workdir) -> Iterator[int]:
         return created[-1]
 
     port = free_port()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            entry.main(["--host=127.0.0.1", f"--port={port}"])
+        except BaseException as e:  # SystemExit from a flag draccus refuses too: the test reports it
+            errors.append(e)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(grpc, "server", recording_server)
-        thread = threading.Thread(
-            target=entry.main, args=(["--host=127.0.0.1", f"--port={port}"],), daemon=True
-        )
+        thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        wait_ready(port)
+        try:
+            wait_ready(port, timeout=60)
+        except grpc.FutureTimeoutError:
+            pytest.fail(f"lerobot-ki-policy-server did not start: {errors!r}")
     try:
         yield port
     finally:
         created[0].stop(grace=None)
         thread.join(timeout=30)
         assert not thread.is_alive(), "serve() did not return after its gRPC server stopped"
+        assert not errors, errors
 
 
 def direct_chunk(ckpt: Path, raw_obs: dict, seed: int) -> torch.Tensor:
