@@ -146,7 +146,13 @@ def chunk_latency_ms(policy: KIPolicy, device: str, repeats: int) -> dict[str, f
             times[name].append(time.perf_counter() - t0)
     cfg.rtc_config, cfg.rtc_training_max_delay = None, max_delay
     policy.init_rtc_processor()
-    return {name: 1000 * statistics.median(t[2:]) for name, t in times.items()}  # two warm-ups
+    ms = {name: 1000 * statistics.median(t[2:]) for name, t in times.items()}  # two warm-ups
+    # Per round, each call over the sync call of the same round, then the median: load that drifts over the
+    # run (other jobs on a shared machine) cancels within a round, where it skews the medians' ratio.
+    for name in ("trained", "guided", "guided_autograd"):
+        rounds = zip(times[name][2:], times["sync"][2:], strict=True)
+        ms[f"{name}_paired"] = statistics.median(t / s for t, s in rounds)
+    return ms
 
 
 def preset_policy(preset: str, device: str, dtype: str) -> KIPolicy:
@@ -216,6 +222,10 @@ def main() -> None:
         f"| {ms['guided_autograd']:.1f} ms "
         f"| {ms['trained'] / ms['sync']:.3f} | {ms['guided'] / ms['sync']:.3f} "
         f"| {ms['guided_autograd'] / ms['sync']:.3f} |"
+    )
+    print(
+        f"median of the per-round ratios to sync: training-time RTC {ms['trained_paired']:.3f}, "
+        f"RTC-guided {ms['guided_paired']:.3f}, guided under autograd {ms['guided_autograd_paired']:.3f}"
     )
     if not args.policy_path:
         return
