@@ -10,10 +10,12 @@ markdown tables.
     python benchmarks/rollout_timing.py --policy.path=outputs/ki_tiny/checkpoints/last/pretrained_model
 
 2. Without one (any device): times one chunk of a freshly built preset (random weights, byte tokenizer;
-   the real preset is PaliGemma 3B + the 300M expert at 224 px, 50-step chunks), plain, training-time RTC
-   and RTC-guided.
+   the real preset is PaliGemma 3B + the 300M expert at 224 px, 50-step chunks; `cpu` is
+   benchmarks/vs_pi05_pi0fast.py's CPU size: the real widths, one layer per tower, MLPs 1/8 wide, 224 px),
+   plain, training-time RTC and RTC-guided (and guided as it ran before the expert left autograd).
 
     python benchmarks/rollout_timing.py --preset real --device cuda --dtype bfloat16
+    OMP_NUM_THREADS=1 python benchmarks/rollout_timing.py --size cpu --repeats 30
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "plugins"))
 from lerobot_robot_ki_testbot.discovery import discoverable_env  # noqa: E402
 
+from lerobot_ki import vla_model  # noqa: E402
 from lerobot_ki.modeling_ki import KIPolicy  # noqa: E402
 
 
@@ -95,9 +98,10 @@ def fake_batch(policy: KIPolicy, device: str) -> dict:
 
 
 def chunk_latency_ms(policy: KIPolicy, device: str, repeats: int) -> dict[str, float]:
-    """Median ms of one chunk: sync, training-time RTC (committed prefix inpainted) and RTC-guided (what
-    the RTC engine calls each re-plan). The three calls take turns, `repeats` rounds after two warm-up
-    rounds, so load from other jobs on a shared machine falls on all three alike."""
+    """Median ms of one chunk: sync, training-time RTC (committed prefix inpainted), RTC-guided (what
+    the RTC engine calls each re-plan) and RTC-guided with the expert under autograd (how guidance ran
+    before `vla_model.guidance_differentiates_velocity`; the same chunk). The calls take turns, `repeats`
+    rounds after two warm-up rounds, so load from other jobs on a shared machine falls on all alike."""
     from lerobot.policies.rtc.configuration_rtc import RTCConfig
 
     batch = fake_batch(policy, device)
@@ -121,7 +125,15 @@ def chunk_latency_ms(policy: KIPolicy, device: str, repeats: int) -> dict[str, f
         policy.init_rtc_processor()
         policy.predict_action_chunk(batch, **rtc_call)
 
-    calls = {"sync": sync, "trained": trained, "guided": guided}
+    def guided_autograd() -> None:
+        probe = vla_model.guidance_differentiates_velocity
+        vla_model.guidance_differentiates_velocity = lambda: True  # the expert's graph recorded, unused
+        try:
+            guided()
+        finally:
+            vla_model.guidance_differentiates_velocity = probe
+
+    calls = {"sync": sync, "trained": trained, "guided": guided, "guided_autograd": guided_autograd}
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats + 2):
         for name, call in calls.items():
@@ -134,7 +146,13 @@ def chunk_latency_ms(policy: KIPolicy, device: str, repeats: int) -> dict[str, f
             times[name].append(time.perf_counter() - t0)
     cfg.rtc_config, cfg.rtc_training_max_delay = None, max_delay
     policy.init_rtc_processor()
-    return {name: 1000 * statistics.median(t[2:]) for name, t in times.items()}  # two warm-ups
+    ms = {name: 1000 * statistics.median(t[2:]) for name, t in times.items()}  # two warm-ups
+    # Per round, each call over the sync call of the same round, then the median: load that drifts over the
+    # run (other jobs on a shared machine) cancels within a round, where it skews the medians' ratio.
+    for name in ("trained", "guided", "guided_autograd"):
+        rounds = zip(times[name][2:], times["sync"][2:], strict=True)
+        ms[f"{name}_paired"] = statistics.median(t / s for t, s in rounds)
+    return ms
 
 
 def preset_policy(preset: str, device: str, dtype: str) -> KIPolicy:
@@ -142,12 +160,17 @@ def preset_policy(preset: str, device: str, dtype: str) -> KIPolicy:
 
     from lerobot_ki.configuration_ki import KIConfig
 
-    size = 224 if preset == "real" else 64
+    full_width = preset in ("real", "cpu")
+    if preset == "cpu":  # the CPU size of vs_pi05_pi0fast.py: its variant tables, patched in this process
+        from vs_pi05_pi0fast import SIZES, patch_depth
+
+        patch_depth(SIZES["cpu"].depth, SIZES["cpu"].mlp_divisor)
+    size = 224 if full_width else 64
     cfg = KIConfig(
-        paligemma_variant="gemma_2b" if preset == "real" else "tiny",
-        action_expert_variant="gemma_300m" if preset == "real" else "tiny",
+        paligemma_variant="gemma_2b" if full_width else "tiny",
+        action_expert_variant="gemma_300m" if full_width else "tiny",
         text_tokenizer="byte",  # offline; the prompt length, not the vocabulary, sets the cost
-        tokenizer_max_length=200 if preset == "real" else 96,
+        tokenizer_max_length=200 if full_width else 96,
         image_resolution=(size, size),
         dtype=dtype,
         device=device,
@@ -164,7 +187,7 @@ def preset_policy(preset: str, device: str, dtype: str) -> KIPolicy:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--policy.path", dest="policy_path")
-    p.add_argument("--preset", choices=("tiny", "real"))
+    p.add_argument("--preset", "--size", dest="preset", choices=("tiny", "cpu", "real"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seconds", type=float, default=10)
@@ -189,11 +212,20 @@ def main() -> None:
         f"{cfg.paligemma_variant}+{cfg.action_expert_variant}, {cfg.image_resolution[0]} px, {cfg.dtype}; "
         f"median of {args.repeats}, delay 2):"
     )
-    print("| sync chunk | training-time RTC chunk | RTC-guided chunk | training-time RTC / sync |")
-    print("|---|---|---|---|")
+    print(
+        "| sync chunk | training-time RTC chunk | RTC-guided chunk | RTC-guided, expert under autograd "
+        "| training-time RTC / sync | RTC-guided / sync | guided under autograd / sync |"
+    )
+    print("|---|---|---|---|---|---|---|")
     print(
         f"| {ms['sync']:.1f} ms | {ms['trained']:.1f} ms | {ms['guided']:.1f} ms "
-        f"| {ms['trained'] / ms['sync']:.3f} |"
+        f"| {ms['guided_autograd']:.1f} ms "
+        f"| {ms['trained'] / ms['sync']:.3f} | {ms['guided'] / ms['sync']:.3f} "
+        f"| {ms['guided_autograd'] / ms['sync']:.3f} |"
+    )
+    print(
+        f"median of the per-round ratios to sync: training-time RTC {ms['trained_paired']:.3f}, "
+        f"RTC-guided {ms['guided_paired']:.3f}, guided under autograd {ms['guided_autograd_paired']:.3f}"
     )
     if not args.policy_path:
         return

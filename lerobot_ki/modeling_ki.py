@@ -237,7 +237,7 @@ class KIPolicy(PreTrainedPolicy):
 
     def rtc_guided(self) -> bool:
         """RTC guidance or its debug tracking is on: sampling goes through LeRobot's `euler_integrate`
-        (autograd per step), which a CUDA graph cannot record."""
+        (an autograd call and host->device copies per step), which a CUDA graph cannot record."""
         rtc = self.rtc_processor
         return self._rtc_enabled() or (rtc is not None and rtc.is_debug_enabled())
 

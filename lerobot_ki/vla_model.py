@@ -16,12 +16,14 @@ towers keep pi05's module names so that pi05 checkpoints load key for key.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from lerobot.policies.common.flow_matching import euler_integrate, sample_noise, sample_time_beta
 from lerobot.policies.common.vla_utils import create_sinusoidal_pos_embedding, make_att_2d_masks
+from lerobot.policies.rtc.configuration_rtc import RTCConfig
 from lerobot.policies.rtc.modeling_rtc import RTCProcessor
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -369,6 +371,10 @@ class KIModel(nn.Module):
             return expert(prefix_kv, prefix_pad, x_t, time, committed)
 
         if rtc_processor is not None:  # LeRobot's loop owns the RTC guidance and its debug tracking
+            if not guidance_differentiates_velocity():
+                # LeRobot's vector-Jacobian product never reaches the velocity (see the function): the
+                # expert's autograd graph would be recorded and thrown away, so run it without one.
+                velocity = torch.no_grad()(velocity)
             return euler_integrate(
                 velocity,
                 noise,
@@ -429,6 +435,24 @@ class KIModel(nn.Module):
             )
             cache_pad = torch.cat([cache_pad, step_pad], dim=1)
         return torch.stack(out, dim=1)
+
+
+@functools.cache
+def guidance_differentiates_velocity() -> bool:
+    """Whether LeRobot's `RTCProcessor.denoise_step` (the RTC guidance) differentiates its correction through
+    the velocity model. LeRobot 0.6.1 computes v_t before it marks x_t as requiring grad, so the correction
+    d(x_t - t * v_t)/dx_t^T err is err itself and the velocity's graph is never traversed. Probed once, on a
+    toy velocity whose Jacobian is not zero, with LeRobot's own code: a LeRobot that does differentiate gets
+    the expert run under autograd again, so its guidance is followed whichever it computes."""
+    processor = RTCProcessor(RTCConfig(execution_horizon=4))
+    x_t = torch.linspace(-1.0, 1.0, 8).reshape(1, 4, 2)
+    step = dict(prev_chunk_left_over=torch.zeros(1, 4, 2), inference_delay=2, time=0.5, execution_horizon=4)
+    with torch.no_grad():  # as in sample_actions: denoise_step enables grad itself
+        through = processor.denoise_step(x_t, original_denoise_step_partial=lambda x: x * x, **step)
+        detached = processor.denoise_step(
+            x_t, original_denoise_step_partial=lambda x: (x * x).detach(), **step
+        )
+    return not torch.equal(through, detached)
 
 
 def committed_positions(delay: Tensor, horizon: int) -> Tensor:

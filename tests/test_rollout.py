@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import CHUNK_SIZE, run_logged, venv_script
+from conftest import CHUNK_SIZE, TRAIN_STEPS, run_logged, venv_script
 from rollout_setup import (
     FPS,
     TASK,
@@ -165,33 +165,63 @@ def test_rtc_guides_the_flow_sampler_toward_the_committed_prefix(ckpt):
 
 @pytest.fixture(scope="module")
 def trained_rtc_ckpt(dataset_root, offline_env, tiny_train_args, tmp_path_factory):
-    """A short `lerobot-train` run with training-time RTC (the flag through LeRobot's CLI)."""
+    """`lerobot-train` with training-time RTC (the flag through LeRobot's CLI), otherwise the session's
+    checkpoint run (same steps, batch, seed and data), so its rollout compares with the guided one's."""
     work = tmp_path_factory.mktemp("train_rtc")
-    args = ["--batch_size=4", "--steps=10", "--save_freq=10", "--log_freq=5", "--seed=1000"]
+    args = [
+        "--batch_size=4",
+        f"--steps={TRAIN_STEPS}",
+        f"--save_freq={TRAIN_STEPS}",
+        "--log_freq=5",
+        "--seed=1000",
+    ]
     cmd = [
         venv_script("lerobot-train"),
         *tiny_train_args(dataset_root, work / "run", *args, "--policy.rtc_training_max_delay=3"),
     ]
     log = run_logged(cmd, offline_env, work / "train.log")
     assert "loss_flow" in log
-    return work / "run" / "checkpoints" / "000010" / "pretrained_model"
+    return work / "run" / "checkpoints" / f"{TRAIN_STEPS:06d}" / "pretrained_model"
 
 
-def test_rtc_rollout_of_a_training_time_rtc_checkpoint_inpaints(trained_rtc_ckpt, env, tmp_path):
+@pytest.fixture(scope="module")
+def trained_rtc_sentry(trained_rtc_ckpt, env, tmp_path_factory):
+    """The guided rollout's command line (`rtc_sentry`), with the training-time RTC checkpoint."""
+    out = tmp_path_factory.mktemp("rtc_trained")
+    cmd = rollout_cmd(
+        trained_rtc_ckpt, out, "--strategy.type=sentry", "--dataset.video=false", NO_RETURN, *RTC_ARGS
+    )
+    return run_rollout(cmd, env, out)
+
+
+def test_rtc_rollout_of_a_training_time_rtc_checkpoint_inpaints(trained_rtc_ckpt, trained_rtc_sentry):
     """lerobot-rollout --inference.type=rtc with a checkpoint trained with rtc_training_max_delay: the
     policy inpaints the committed actions (its one-time log line) instead of LeRobot's guidance, and the
     loop runs at rate and records as with guided RTC."""
     assert json.loads((trained_rtc_ckpt / "config.json").read_text())["rtc_training_max_delay"] == 3
-    out = tmp_path / "rtc_trained"
-    cmd = rollout_cmd(
-        trained_rtc_ckpt, out, "--strategy.type=sentry", "--dataset.video=false", NO_RETURN, *RTC_ARGS
-    )
-    run = run_rollout(cmd, env, out)
+    run = trained_rtc_sentry
     assert run.returncode == 0, run.tail()
     assert "RTC inference thread started" in run.log and "RTC inference error" not in run.log, run.tail()
     assert "Training-time RTC (rtc_training_max_delay=3): inpainting" in run.log, run.tail()
     check_rate(run)
     check_recording(run)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 2026-11-27: trained-RTC tick jumps p90 2.02 / max 2.93 vs guided 1.05 / 1.09 (300 "
+    "steps: 0.93 / 1.56 vs 0.59 / 0.71). A barely trained tiny model's chunks are noisy step to step; "
+    "guidance smooths the whole chunk toward the leftover, inpainting fixes only its first d actions.",
+)
+def test_training_time_rtc_joins_chunks_at_least_as_smoothly_as_guided_rtc(trained_rtc_sentry, rtc_sentry):
+    """The issue's bar for training-time RTC: chunk joins at least as smooth as guided RTC's, by the
+    measure of the guided test above (tick-to-tick jumps at the 90th percentile and, past the first
+    second, the largest), both checkpoints trained alike (same steps, batch, seed, data; only D differs)
+    and rolled out with the same command line. Strict: when it starts passing, the marker must go."""
+    assert trained_rtc_sentry.returncode == 0 and rtc_sentry.returncode == 0
+    trained, guided = jumps(trained_rtc_sentry.commands()), jumps(rtc_sentry.commands())
+    assert np.percentile(trained, 90) <= np.percentile(guided, 90), (trained, guided)
+    assert trained[FPS:].max() <= guided[FPS:].max(), (trained, guided)
 
 
 def test_inference_mode_fast_refuses_rtc_clearly_and_runs_sync(ckpt, env, tmp_path):

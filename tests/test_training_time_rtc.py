@@ -9,9 +9,11 @@ import logging
 import pytest
 import torch
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
+from lerobot.policies.rtc.modeling_rtc import RTCProcessor
 from synthetic_dataset import make_dataset
 from tiny_setup import batch_of, build, tiny_config, train_steps
 
+from lerobot_ki import vla_model
 from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.cuda_graphs import GraphedSampler, flatten
 from lerobot_ki.model_inputs import robot_inputs
@@ -289,6 +291,63 @@ def test_guided_rtc_is_unchanged_without_training_time_rtc(tiny, monkeypatch):
         policy.init_rtc_processor()
     assert calls == [2] * policy.config.num_inference_steps
     assert not torch.equal(chunk[0, :2], leftover[:2])  # guided toward, not inpainted
+
+
+def test_guided_rtc_without_the_expert_graph_gives_the_same_chunk(tiny, monkeypatch):
+    """The cheaper guided fallback: LeRobot 0.6.1's guidance never differentiates through the velocity, so
+    the expert runs without autograd; the chunk is the one the expert-under-autograd path gives."""
+    policy, batch = tiny
+    assert not vla_model.guidance_differentiates_velocity.__wrapped__()  # LeRobot 0.6.1's guidance
+    leftover = _leftover(policy, batch)
+    policy.config.rtc_config = RTCConfig(execution_horizon=policy.config.chunk_size)
+    policy.init_rtc_processor()
+    grad_on = []
+    velocity = policy.model.velocity
+
+    def spy(*args, **kwargs):
+        grad_on.append(torch.is_grad_enabled())
+        return velocity(*args, **kwargs)
+
+    monkeypatch.setattr(policy.model, "velocity", spy)
+    chunks = {}
+    try:
+        for differentiates in (True, False):  # True: the expert under autograd, as before this change
+            monkeypatch.setattr(vla_model, "guidance_differentiates_velocity", lambda d=differentiates: d)
+            torch.manual_seed(2)
+            chunks[differentiates] = policy.predict_action_chunk(
+                batch, inference_delay=2, prev_chunk_left_over=leftover
+            )
+    finally:
+        policy.config.rtc_config = None
+        policy.init_rtc_processor()
+    steps = policy.config.num_inference_steps
+    assert grad_on == [True] * steps + [False] * steps, grad_on
+    torch.testing.assert_close(chunks[False], chunks[True], rtol=0, atol=1e-6)
+    assert not torch.equal(chunks[False][0, :2], leftover[:2])  # still guided, not inpainted
+
+
+def test_guidance_probe_sees_a_guidance_that_differentiates_the_velocity(monkeypatch):
+    """Were LeRobot's guidance to differentiate through the velocity (x_t requiring grad before v_t is
+    computed, as the RTC paper's vector-Jacobian product does), the probe says so and the expert runs
+    under autograd again."""
+
+    def through_velocity(
+        self,
+        x_t,
+        prev_chunk_left_over,
+        inference_delay,
+        time,
+        original_denoise_step_partial,
+        execution_horizon=None,
+    ):
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            x1 = x - time * original_denoise_step_partial(x)
+            err = prev_chunk_left_over - x1
+            return torch.autograd.grad(x1, x, err.detach())[0]
+
+    monkeypatch.setattr(RTCProcessor, "denoise_step", through_velocity)
+    assert vla_model.guidance_differentiates_velocity.__wrapped__()
 
 
 def test_max_delay_round_trips_through_config_json_and_is_checked(tmp_path):
