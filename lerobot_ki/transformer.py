@@ -32,7 +32,10 @@ class FastPaths:
       Euler steps in one matmul per norm, the attention mask, RoPE) done once per sampler call.
     - `fused_projections`: Q/K/V and gate/up as one matmul each, from weights concatenated once and
       cached (no-grad calls only; parameters and state-dict keys unchanged, see `fused_weight`).
-    - `batched_vision`: SigLIP over all cameras as one batch (B * cameras) instead of camera by camera.
+    - `batched_vision`: SigLIP over all cameras as one batch (B * cameras) instead of camera by camera
+      (no-grad calls only).
+
+    Training (gradients on) runs today's path whatever the flags: its numbers do not change.
     """
 
     step_plan: bool = True
@@ -41,6 +44,11 @@ class FastPaths:
 
 
 FAST_PATHS = FastPaths()
+
+
+def active_fast_paths() -> FastPaths:
+    """The flags in force now (read at call time: `fast_paths` swaps them)."""
+    return FAST_PATHS
 
 
 @contextlib.contextmanager

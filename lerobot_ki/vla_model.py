@@ -27,7 +27,6 @@ from lerobot.policies.rtc.modeling_rtc import RTCProcessor
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lerobot_ki import transformer
 from lerobot_ki.architecture import KIPaliGemmaWithExpert
 from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.model_inputs import ModelInputs
@@ -36,6 +35,7 @@ from lerobot_ki.transformer import (
     Geometry,
     Modulation,
     PrefixCond,
+    active_fast_paths,
     make_geometry,
     plan_modulations,
     run_stack,
@@ -150,8 +150,10 @@ class KIModel(nn.Module):
         flags built from a Python list: that host->device copy cannot be captured in a CUDA graph. All
         prefix tokens are bidirectional, so the flags are zeros. (B, Lp, D), (B, Lp), (B, Lp)."""
         embs, pads = [], []
-        if transformer.FAST_PATHS.batched_vision and len(images) > 1 and len({i.shape for i in images}) == 1:
-            # One SigLIP pass over B x cameras images: fewer, larger matmuls than camera by camera.
+        batched = active_fast_paths().batched_vision and not torch.is_grad_enabled()
+        if batched and len(images) > 1 and len({i.shape for i in images}) == 1:
+            # One SigLIP pass over B x cameras images: fewer, larger matmuls than camera by camera. At
+            # inference only: a training step stays today's, number for number (it measured no faster).
             per_camera = self._apply_checkpoint(self._embed_image, torch.cat(images)).split(
                 images[0].shape[0]
             )
@@ -428,7 +430,7 @@ class KIModel(nn.Module):
         prefix_embs, prefix_pad = self.embed_prefix(inputs)
         _, prefix_kv = self.prefill(prefix_embs, prefix_pad)
         expert = self._inference_velocity()
-        planned = rtc_processor is None and transformer.FAST_PATHS.step_plan
+        planned = rtc_processor is None and active_fast_paths().step_plan
         plan: StepPlan | None = None
         steps: Iterator[int] = iter(range(num_steps))
 
