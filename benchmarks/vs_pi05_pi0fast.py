@@ -378,9 +378,10 @@ def run_policy(name, label, args, size, res: Results, inference=True, train=True
 FAST_PATH_VARIANTS = [
     ("today (issue 17 off)", {"all": False}),
     ("+ step plan only", {"all": False, "step_plan": True}),
-    ("+ fused QKV/gate-up only", {"all": False, "fused_projections": True}),
+    ("+ fused QKV only", {"all": False, "fused_qkv": True}),
+    ("+ fused gate/up only (off by default)", {"all": False, "fused_gate_up": True}),
     ("+ batched SigLIP only", {"all": False, "batched_vision": True}),
-    ("new default (all on)", {}),
+    ("new default", {}),
 ]
 TODAY, NEW = FAST_PATH_VARIANTS[0][0], FAST_PATH_VARIANTS[-1][0]
 

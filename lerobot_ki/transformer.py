@@ -25,13 +25,17 @@ KV = tuple[Tensor, Tensor]  # (B, KVH, L, hd) keys and values, RoPE applied
 
 @dataclass(frozen=True)
 class FastPaths:
-    """The inference optimisations of issue 17, each on by default and switchable (`fast_paths(...)`) so
-    that the benchmark and the tests run today's path next to the new one in the same process.
+    """The inference optimisations of issue 17, switchable (`fast_paths(...)`) so that the benchmark and
+    the tests run today's path next to the new one in the same process. On by default where they measured
+    at least as fast on our CPU (README, "Speed and memory"); the GPU figures are still to be measured.
 
     - `step_plan`: the expert's step-independent work (time embedding, every adaRMS modulation for all
       Euler steps in one matmul per norm, the attention mask, RoPE) done once per sampler call.
-    - `fused_projections`: Q/K/V and gate/up as one matmul each, from weights concatenated once and
-      cached (no-grad calls only; parameters and state-dict keys unchanged, see `fused_weight`).
+    - `fused_qkv`: Q/K/V as one matmul, from weights concatenated once and cached (no-grad calls only;
+      parameters and state-dict keys unchanged, see `fused_weight`).
+    - `fused_gate_up`: the MLP's gate and up projections likewise. Off: on the CPU the activation then
+      reads a strided half of the fused output, which made the tiny MLP 5-7% slower (the matmul saved
+      does not pay for it there); a candidate for the GPU, where launches, not memory order, dominate.
     - `batched_vision`: SigLIP over all cameras as one batch (B * cameras) instead of camera by camera
       (no-grad calls only).
 
@@ -39,7 +43,8 @@ class FastPaths:
     """
 
     step_plan: bool = True
-    fused_projections: bool = True
+    fused_qkv: bool = True
+    fused_gate_up: bool = False
     batched_vision: bool = True
 
 
@@ -119,15 +124,15 @@ def fused_sources(stack: nn.Module) -> list[tuple[nn.Module, tuple[nn.Linear, ..
     return out
 
 
-def _use_fused() -> bool:
+def _use_fused(flag: bool) -> bool:
     # Training needs gradients to the separate parameters; the cache is a detached copy.
-    return FAST_PATHS.fused_projections and not torch.is_grad_enabled()
+    return flag and not torch.is_grad_enabled()
 
 
 def _qkv(attn: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(B, Lq, H*hd), (B, Lq, KVH*hd) x 2."""
     linears = (attn.q_proj, attn.k_proj, attn.v_proj)
-    if _use_fused() and fusable(linears):
+    if _use_fused(FAST_PATHS.fused_qkv) and fusable(linears):
         qkv = F.linear(h, fused_weight(attn, linears))
         return qkv.split([lin.out_features for lin in linears], dim=-1)
     return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
@@ -136,7 +141,7 @@ def _qkv(attn: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _mlp(mlp: nn.Module, h: Tensor) -> Tensor:
     """Gemma's MLP, down(act(gate(h)) * up(h)), with gate and up as one matmul on the fused path."""
     linears = (mlp.gate_proj, mlp.up_proj)
-    if _use_fused() and fusable(linears):
+    if _use_fused(FAST_PATHS.fused_gate_up) and fusable(linears):
         gate, up = F.linear(h, fused_weight(mlp, linears)).split([lin.out_features for lin in linears], -1)
         return mlp.down_proj(mlp.act_fn(gate) * up)
     return mlp(h)

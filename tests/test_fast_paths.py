@@ -19,7 +19,8 @@ from lerobot_ki.modeling_ki import KIPolicy
 from lerobot_ki.transformer import FastPaths, fast_paths, fused_sources, refresh_fused_weights
 
 ATOL = 1e-5
-FLAGS = [{"all": False, name: True} for name in FastPaths.__dataclass_fields__] + [{}]
+# Each on its own, the default set, and all (fused gate/up is off by default).
+FLAGS = [{"all": False, name: True} for name in FastPaths.__dataclass_fields__] + [{}, {"all": True}]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def _inputs(bsz: int = 2) -> ModelInputs:
     return ModelInputs(images, masks, ids, prompt_mask, torch.zeros(bsz, 0))
 
 
-@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: next((k for k, v in f.items() if v), "all"))
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: next((k for k, v in f.items() if v), "default"))
 @pytest.mark.parametrize("rtc", [False, True], ids=["sync", "training-time-rtc"])
 def test_each_fast_path_samples_todays_chunk(model, flags, rtc):
     inputs, noise = _inputs(), torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(5))
@@ -95,7 +96,7 @@ def test_training_loss_and_gradients_are_unchanged(model):
 def test_fused_weights_follow_in_place_updates_and_leave_the_state_dict_alone(model):
     keys = set(model.state_dict())
     inputs, noise = _inputs(), torch.randn(2, 10, 8)
-    with torch.no_grad():
+    with torch.no_grad(), fast_paths(all=True):
         model.sample_actions(inputs, noise, 2)  # builds the caches
         expert = model.paligemma_with_expert.expert_model
         (attn, linears), *_ = fused_sources(expert)
@@ -109,7 +110,9 @@ def test_fused_weights_follow_in_place_updates_and_leave_the_state_dict_alone(mo
             assert torch.equal(fused, torch.cat([lin.weight for lin in linears]))
             with fast_paths(all=False):
                 today = model.sample_actions(inputs, noise, 2)
-            torch.testing.assert_close(model.sample_actions(inputs, noise, 2), today, rtol=0, atol=ATOL)
+            with fast_paths(all=True):
+                new = model.sample_actions(inputs, noise, 2)
+            torch.testing.assert_close(new, today, rtol=0, atol=ATOL)
         finally:
             attn.k_proj.weight.copy_(original)
     assert set(model.state_dict()) == keys
@@ -130,7 +133,7 @@ def test_graphed_sampler_counts_the_fused_caches_as_weights(model, monkeypatch):
     monkeypatch.setattr(GraphedSampler, "_capture", record)
     sampler = GraphedSampler(model, num_steps=3)
     inputs, noise = _inputs(), torch.randn(2, 10, 8)
-    with torch.no_grad():
+    with torch.no_grad(), fast_paths(all=True):
         sampler(inputs, noise)
         sampler(inputs, noise)
     assert len(recorded) == 1
