@@ -378,7 +378,7 @@ def run_policy(name, label, args, size, res: Results, inference=True, train=True
 FAST_PATH_VARIANTS = [
     ("today (issue 17 off)", {"all": False}),
     ("+ step plan only", {"all": False, "step_plan": True}),
-    ("+ fused QKV only", {"all": False, "fused_qkv": True}),
+    ("+ fused QKV only (off by default)", {"all": False, "fused_qkv": True}),
     ("+ fused gate/up only (off by default)", {"all": False, "fused_gate_up": True}),
     ("+ batched SigLIP only", {"all": False, "batched_vision": True}),
     ("new default", {}),
