@@ -7,6 +7,14 @@ every measurement. ki_vla is measured once per optimisation step (`--ki-variants
     HF_HUB_OFFLINE=1 python benchmarks/vs_pi05_pi0fast.py --size full --device cuda
     # CPU: the smallest size all three build (see SIZES), about 10 minutes on 2 cores
     HF_HUB_OFFLINE=1 python benchmarks/vs_pi05_pi0fast.py --size cpu
+    # CPU, ki_vla's tiny preset only (pi05 and pi0_fast do not build at it): issue 17's rows
+    HF_HUB_OFFLINE=1 python benchmarks/vs_pi05_pi0fast.py --size tiny --policies ki_vla --ki-variants issue17
+
+Issue 17's optimisations (`lerobot_ki.transformer.FastPaths`: step plan, fused projections, batched SigLIP)
+are measured on one ki_vla policy, each on its own and all together against all off ("today"), taking turns
+call by call so that the load of a shared machine falls on all of them alike; each one's chunk is checked
+against today's from the same noise, and the new default's speed-up over today is printed. Training is not
+timed for them: with gradients on, all of them run today's path.
 
 What is held equal: the backbone and expert sizes (LeRobot's pi05 only builds with a 2048-wide backbone and
 pi0_fast only at 224 px, so the CPU size patches pi05, pi0_fast and ki_vla alike, in this process: fewer
@@ -53,6 +61,7 @@ from lerobot_ki import model_inputs, variants
 from lerobot_ki.configuration_ki import PALIGEMMA_TOKENIZER, KIConfig
 from lerobot_ki.fast_artifacts import DEFAULT_MAX_FAST_TOKENS
 from lerobot_ki.modeling_ki import KIPolicy
+from lerobot_ki.transformer import fast_paths
 
 STATE_DIM, ACTION_DIM, CHUNK, PROMPT_LEN, PROMPT_VALID = 8, 7, 50, 200, 48
 CAMERAS = [f"observation.images.cam{i}" for i in range(3)]
@@ -65,6 +74,7 @@ class Size:
     frozen_embeddings: bool  # token embedding + LM head frozen in all three (CPU memory)
     note: str
     mlp_divisor: int = 1  # MLP hidden width divided by this in both towers
+    ki_variant: str | None = None  # ki_vla's preset for backbone and expert (None: pi05's sizes)
 
 
 SIZES = {
@@ -76,6 +86,14 @@ SIZES = {
         "real attention widths, 1 layer per tower (Gemma 2048 backbone, 1024 expert, SigLIP 1152, 257k "
         "vocab), MLPs 1/8 wide, 224 px; vision tower, token embedding and LM head frozen in all three",
         mlp_divisor=8,
+    ),
+    "tiny": Size(
+        None,
+        96,
+        False,
+        "ki_vla's tiny preset (backbone 128 wide, expert 64, SigLIP 96, 4 layers each, 257k vocabulary), "
+        "96 px; ki_vla only (pi05 and pi0_fast build only at their real widths)",
+        ki_variant="tiny",
     ),
 }
 
@@ -146,6 +164,12 @@ def build(name: str, size: Size, dtype: str, device: str, **ki_overrides):
     if name == "ki_vla":
         # The budget the measurements were taken with (no dataset here to size it from).
         ki_overrides = {"max_fast_tokens": DEFAULT_MAX_FAST_TOKENS, **ki_overrides}
+        if size.ki_variant is not None:
+            ki_overrides = {
+                "paligemma_variant": size.ki_variant,
+                "action_expert_variant": size.ki_variant,
+                **ki_overrides,
+            }
         cfg = KIConfig(text_tokenizer=PALIGEMMA_TOKENIZER, **common, **ki_overrides)
         cls = KIPolicy
     elif name == "pi05":
@@ -350,6 +374,90 @@ def run_policy(name, label, args, size, res: Results, inference=True, train=True
     free(args.device)
 
 
+# Issue 17's optimisations (lerobot_ki.transformer.FastPaths), each on its own, then all: the new default.
+FAST_PATH_VARIANTS = [
+    ("today (issue 17 off)", {"all": False}),
+    ("+ step plan only", {"all": False, "step_plan": True}),
+    ("+ fused QKV only (off by default)", {"all": False, "fused_qkv": True}),
+    ("+ fused gate/up only (off by default)", {"all": False, "fused_gate_up": True}),
+    ("+ batched SigLIP only", {"all": False, "batched_vision": True}),
+    ("new default", {}),
+]
+TODAY, NEW = FAST_PATH_VARIANTS[0][0], FAST_PATH_VARIANTS[-1][0]
+
+
+def run_fast_paths(name: str, label: str, args, size: Size, res: Results) -> None:
+    """One ki_vla policy (the default config: the CUDA graph on CUDA, eager on CPU), every variant timed
+    in turns, call by call, so a shared machine's load falls on all alike; each variant keeps its own
+    CUDA graphs. Then each variant's chunk against today's from the same noise (`check_fast_paths`)."""
+    print(f"== {label} optimisations (taking turns)", flush=True)
+    policy = build(name, size, args.dtype, args.device).eval()
+    graphs: dict[str, object] = {}
+
+    def call(variant: str, flags: dict, batch: dict) -> None:
+        policy._graphed = graphs.get(variant)
+        with fast_paths(**flags), torch.no_grad():
+            policy.predict_action_chunk(batch)
+        graphs[variant] = policy._graphed
+
+    for n_cams in args.cameras:
+        use_cameras(policy, n_cams, size.resolution)
+        batch = make_batch("ki_vla", policy, 1, n_cams, size.resolution, args.fast_tokens, args.device)
+        times: dict[str, list[float]] = {variant: [] for variant, _ in FAST_PATH_VARIANTS}
+        for _ in range(args.warmup):
+            for variant, flags in FAST_PATH_VARIANTS:
+                call(variant, flags, batch)
+        for _ in range(args.repeats):
+            for variant, flags in FAST_PATH_VARIANTS:
+                sync(args.device)
+                t0 = time.perf_counter()
+                call(variant, flags, batch)
+                sync(args.device)
+                times[variant].append((time.perf_counter() - t0) * 1e3)
+        for variant, _ in FAST_PATH_VARIANTS:
+            t = times[variant]
+            res.add(
+                policy=f"ki_vla, {variant}",
+                kind="infer",
+                key=n_cams,
+                ms=statistics.median(t),
+                spread=max(t) - min(t),
+            )
+    graphs.clear()
+    policy._graphed = None
+    res.checks.update(check_fast_paths(policy, size, args))
+    # No training rows: with gradients on, every flag runs today's path (tests/test_fast_paths.py).
+    free(args.device)
+
+
+def check_fast_paths(policy, size: Size, args) -> dict[str, float]:
+    """Each variant's chunk (2 cameras, same noise) against today's path, on the default sampler (the
+    CUDA graph on CUDA). Relative error ||new - today|| / ||today||; float32 must agree to 1e-5 (the
+    reordered float rounding of batched and fused matmuls), bf16 to 2e-2."""
+    use_cameras(policy, 2, size.resolution)
+    batch = make_batch("ki_vla", policy, 1, 2, size.resolution, args.fast_tokens, args.device)
+    noise = torch.randn(1, CHUNK, policy.config.max_action_dim, device=args.device)
+    with torch.no_grad():  # adaRMS denses start at zero: the flow time would not reach the chunk
+        for module in policy.model.paligemma_with_expert.expert_model.modules():
+            if isinstance(getattr(module, "dense", None), torch.nn.Linear):
+                module.dense.weight.normal_(0.0, 0.02)
+    chunks = {}
+    for label, flags in FAST_PATH_VARIANTS:
+        policy._graphed = None
+        with fast_paths(**flags), torch.no_grad():
+            chunks[label] = policy.predict_action_chunk(batch, noise=noise.clone())
+    policy._graphed = None
+    bound = 1e-5 if args.dtype == "float32" else 2e-2
+    errors = {}
+    for label, chunk in chunks.items():
+        err = ((chunk - chunks[TODAY]).norm() / chunks[TODAY].norm()).item()
+        print(f"  {label} vs today: relative error {err:.2e}", flush=True)
+        if not err <= bound:
+            raise RuntimeError(f"{label} differs from today's sampler (relative error {err:.3g} > {bound})")
+        errors[f"ki_vla, {label} vs today"] = err
+    return errors
+
+
 def check_graph_against_eager(policy, size: Size, args) -> float:
     """The fast path (CUDA graph, compiled expert if on) must compute what the plain eager sampler
     computes from the same noise: identical kernels give 0; a compiled expert fuses bf16 arithmetic
@@ -412,12 +520,23 @@ def table(res: Results, args, size: Size) -> str:
                 continue
             ratio = f"{r['ms'] / ref['ms']:.2f}x" if ref and ref["ms"] == ref["ms"] else "-"
             ckpt = " (grad. ckpt)" if res.get(label, "note", b) else ""
-            cells += [f"{r['ms']:.0f}{ckpt}" if r["ms"] == r["ms"] else "OOM", f"{r['peak_gib']:.1f}", ratio]
+            peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] == r["peak_gib"] else "-"  # nan: not measured
+            cells += [f"{r['ms']:.0f}{ckpt}" if r["ms"] == r["ms"] else "OOM", peak, ratio]
         if any(c != "-" for c in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [""] + [
-        f"{label}: chunk vs the eager sampler, relative error {e:.1e}" for label, e in res.checks.items()
+        f"{label}: chunk relative error {e:.1e}"
+        if label.endswith("vs today")
+        else f"{label}: chunk vs the eager sampler, relative error {e:.1e}"
+        for label, e in res.checks.items()
     ]
+    speedups = []
+    for c in args.cameras:
+        today, new = res.get(f"ki_vla, {TODAY}", "infer", c), res.get(f"ki_vla, {NEW}", "infer", c)
+        if today and new:
+            speedups.append(f"{c} cam {today['ms'] / new['ms']:.2f}x")
+    if speedups:
+        lines.append("ki_vla, new default vs today, same run (today ms / new ms): " + ", ".join(speedups))
     return "\n".join(lines)
 
 
@@ -435,7 +554,13 @@ def main() -> None:
     ap.add_argument("--train-warmup", type=int, default=None)
     ap.add_argument("--train-repeats", type=int, default=None)
     ap.add_argument("--policies", default="ki_vla,pi05,pi0_fast")
-    ap.add_argument("--ki-variants", default="all", help="'all' or 'final': the optimisation steps of ki_vla")
+    ap.add_argument(
+        "--ki-variants",
+        default="all",
+        choices=("all", "final", "issue17"),
+        help="ki_vla rows: 'all' the optimisation steps (with issue 17's each on its own), 'final' the "
+        "default only, 'issue17' issue 17's optimisations only",
+    )
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--json", default=None, help="write every measurement here")
     args = ap.parse_args()
@@ -457,7 +582,12 @@ def main() -> None:
     res = Results()
     wanted = args.policies.split(",")
     real_trim = model_inputs.trim_prompt_padding
-    if "ki_vla" in wanted:
+    if size.ki_variant is not None and wanted != ["ki_vla"]:
+        print(f"--size {args.size} builds ki_vla only: pass --policies ki_vla", file=sys.stderr)
+        sys.exit(2)
+    if "ki_vla" in wanted and args.ki_variants in ("all", "issue17"):
+        guarded(run_fast_paths, "ki_vla", "ki_vla, issue 17", args, size, res)
+    if "ki_vla" in wanted and args.ki_variants != "issue17":
         steps = [("ki_vla", {}, {})]
         if args.ki_variants == "all":
             # Each optimisation measured on its own, in the order they were made.
@@ -475,7 +605,9 @@ def main() -> None:
         for label, overrides, opts in steps:
             model_inputs.trim_prompt_padding = real_trim if opts.get("trim", True) else _no_trim
             train = bool(args.train_batches) and opts.get("train", True)
-            guarded(run_policy, "ki_vla", label, args, size, res, train=train, **overrides)
+            # The earlier steps as they were made: before issue 17's paths (measured above on their own).
+            with fast_paths(all=args.ki_variants == "final"):
+                guarded(run_policy, "ki_vla", label, args, size, res, train=train, **overrides)
         model_inputs.trim_prompt_padding = real_trim
         if args.ki_variants == "all" and args.train_batches:
             guarded(

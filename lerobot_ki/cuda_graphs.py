@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lerobot_ki.model_inputs import ModelInputs
+from lerobot_ki.transformer import refresh_fused_weights
 
 
 @dataclass
@@ -55,8 +56,9 @@ class GraphedSampler:
     (fields, shapes, dtypes, with or without a committed prefix).
 
     Weights are read by address: in-place updates (an optimizer step, `load_state_dict`) are seen by later
-    replays. Anything that gives a weight new storage (`.to()`, a dtype cast, assigning a parameter) changes
-    the model's addresses, which this cache checks on every call: it then records its graphs again."""
+    replays (the fused projection weights derived from them are refreshed in place before each replay).
+    Anything that gives a weight new storage (`.to()`, a dtype cast, assigning a parameter) changes the
+    model's addresses, which this cache checks on every call: it then records its graphs again."""
 
     def __init__(self, model: nn.Module, num_steps: int, max_entries: int = 4, warmup: int = 2):
         self.model = model
@@ -76,10 +78,9 @@ class GraphedSampler:
         committed: Tensor | None = None,  # (B, T, A) training-time RTC: the committed actions to inpaint
         delay: Tensor | None = None,  # (B,) long: how many of them
     ) -> Tensor:
-        addresses = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+        addresses = self._weight_addresses()
         if addresses != self._addresses:  # new storage: the recorded graphs read the old one
             self._entries.clear()
-            self._addresses = addresses
         tensors, spec = flatten(inputs)
         # The committed actions and their count are graph inputs like the noise: a new delay replays the
         # same graph (the prefix mask is computed on the device inside it).
@@ -97,8 +98,16 @@ class GraphedSampler:
             self._entries.move_to_end(key)
             for buf, a in zip(entry.inputs, tensors, strict=True):
                 buf.copy_(a)
+        # A first recording made the fused-weight caches (transformer.fused_weight): count them as read.
+        self._addresses = self._weight_addresses()
         entry.graph.replay()
         return entry.output.clone()
+
+    def _weight_addresses(self) -> tuple[int, ...]:
+        """Where the graphs read their weights: parameters, buffers and the fused Q/K/V and gate/up
+        weights derived from them, the latter first refreshed in place after in-place weight updates."""
+        params = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+        return params + refresh_fused_weights(self.model)
 
     def _run(self, tensors: list[Tensor], spec: tuple) -> Tensor:
         input_spec, n_args = spec

@@ -17,7 +17,8 @@ towers keep pi05's module names so that pi05 checkpoints load key for key.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -31,11 +32,30 @@ from torch.utils.checkpoint import checkpoint
 from lerobot_ki.architecture import KIPaliGemmaWithExpert
 from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.model_inputs import ModelInputs
-from lerobot_ki.transformer import KV, PrefixCond, run_stack
+from lerobot_ki.transformer import (
+    KV,
+    Geometry,
+    Modulation,
+    PrefixCond,
+    active_fast_paths,
+    make_geometry,
+    plan_modulations,
+    run_stack,
+)
 from lerobot_ki.variants import BACKBONE_VARIANTS, EXPERT_VARIANTS, VISION_VARIANTS
 from lerobot_ki.vocabulary import VocabLayout, layout_with_placement, vocab_layout
 
 PLACEMENT_KEY = "fast_token_placement"  # (fast_offset, fast_sign) of the VocabLayout the weights use
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The step-independent part of the expert's Euler steps in one sampler call (issue 17): the attention
+    mask and RoPE of the action tokens, and each step's adaRMS modulations (time embedding, time MLP
+    and every norm's dense for all steps at once). `modulations[k]` serves the k-th call of the step."""
+
+    geometry: Geometry
+    modulations: list[list[Modulation]]
 
 
 def per_sample_share(sums: Tensor, n_total: Tensor) -> Tensor:
@@ -132,8 +152,16 @@ class KIModel(nn.Module):
         flags built from a Python list: that host->device copy cannot be captured in a CUDA graph. All
         prefix tokens are bidirectional, so the flags are zeros. (B, Lp, D), (B, Lp), (B, Lp)."""
         embs, pads = [], []
-        for img, img_mask in zip(images, img_masks, strict=True):
-            emb = self._apply_checkpoint(self._embed_image, img)  # (B, Ni, D)
+        batched = active_fast_paths().batched_vision and not torch.is_grad_enabled()
+        if batched and len(images) > 1 and len({i.shape for i in images}) == 1:
+            # One SigLIP pass over B x cameras images: fewer, larger matmuls than camera by camera. At
+            # inference only: a training step stays today's, number for number (it measured no faster).
+            per_camera = self._apply_checkpoint(self._embed_image, torch.cat(images)).split(
+                images[0].shape[0]
+            )
+        else:
+            per_camera = [self._apply_checkpoint(self._embed_image, img) for img in images]
+        for emb, img_mask in zip(per_camera, img_masks, strict=True):  # (B, Ni, D) each
             embs.append(emb)
             pads.append(img_mask[:, None].expand(emb.shape[:2]))
         embs.append(self._apply_checkpoint(self.paligemma_with_expert.embed_language_tokens, tokens))
@@ -199,14 +227,7 @@ class KIModel(nn.Module):
         is per token: time 0 on the committed positions, `timestep` elsewhere (a `PrefixCond`)."""
         if committed is not None:  # one time-MLP pass for both times: (2B,) = [timestep, 0]
             timestep = torch.cat([timestep, torch.zeros_like(timestep)])
-        time_emb = create_sinusoidal_pos_embedding(
-            timestep,
-            self.action_in_proj.out_features,
-            min_period=self.config.min_period,
-            max_period=self.config.max_period,
-            device=timestep.device,
-        ).to(timestep.dtype)  # (B, De) or (2B, De)
-        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
+        cond = self.time_condition(timestep)  # (B, De) or (2B, De)
         if committed is not None:
             cond = PrefixCond(cond, committed)  # (2B, De): [timestep's, time 0's]
         action_emb = self.action_in_proj(noisy_actions)
@@ -216,6 +237,55 @@ class KIModel(nn.Module):
         att[:, 0] = 1  # the expert tokens start a new block that the prefix does not see
         return action_emb, pad, att, cond
 
+    def time_condition(self, timestep: Tensor) -> Tensor:
+        """pi05's adaRMS condition (N, De) of flow times (N,): sinusoidal embedding, then the time MLP."""
+        time_emb = create_sinusoidal_pos_embedding(
+            timestep,
+            self.action_in_proj.out_features,
+            min_period=self.config.min_period,
+            max_period=self.config.max_period,
+            device=timestep.device,
+        ).to(timestep.dtype)
+        return F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
+
+    def _expert_geometry(self, prefix_pad: Tensor, horizon: int) -> tuple[Tensor, Tensor]:
+        """The action tokens' attention mask (B, T, Lp + T) and RoPE positions (B, T)."""
+        bsz, n_prefix = prefix_pad.shape
+        # Expert tokens see every valid prefix token and each other; RoPE positions continue the prompt.
+        mask = torch.cat(
+            [
+                prefix_pad[:, None, :].expand(bsz, horizon, n_prefix),
+                torch.ones(bsz, horizon, horizon, dtype=torch.bool, device=prefix_pad.device),
+            ],
+            dim=2,
+        )
+        positions = prefix_pad.sum(-1, keepdim=True) + torch.arange(horizon, device=prefix_pad.device)
+        return mask, positions
+
+    def plan_steps(
+        self,
+        prefix_pad: Tensor,  # (B, Lp)
+        horizon: int,
+        times: list[float],  # the flow time of each step, as the sampler will pass them
+        committed: Tensor | None = None,  # (B, T) bool: positions at flow time 0 (training-time RTC)
+    ) -> StepPlan:
+        """What `velocity` computes the same way at every step, for all `times` at once (see `StepPlan`).
+        Times are made with `torch.full` as `euler_steps` makes them (no host->device copy: graphable)."""
+        bsz, device = prefix_pad.shape[0], prefix_pad.device
+        rows = []
+        for t in times:  # per step the rows velocity would feed the time MLP: [t] * B (+ [0] * B)
+            rows.append(torch.full((bsz,), t, dtype=torch.float32, device=device))
+            if committed is not None:
+                rows.append(torch.zeros(bsz, dtype=torch.float32, device=device))
+        conds = self.time_condition(torch.cat(rows))  # (S * R, De)
+        expert = self.paligemma_with_expert.expert_model
+        mask, positions = self._expert_geometry(prefix_pad, horizon)
+        dtype = expert.layers[0].self_attn.q_proj.weight.dtype
+        return StepPlan(
+            make_geometry(expert, positions, mask, dtype),
+            plan_modulations(expert, conds, len(times), committed),
+        )
+
     def velocity(
         self,
         prefix_kv: list[KV],
@@ -223,20 +293,15 @@ class KIModel(nn.Module):
         x_t: Tensor,  # (B, T, A)
         time: Tensor,  # (B,)
         committed: Tensor | None = None,  # (B, T) bool: positions at flow time 0 (training-time RTC)
+        geometry: Geometry | None = None,  # with `modulations`: this step's part of a `StepPlan`
+        modulations: list[Modulation] | None = None,  # made for this `time` and `committed`
     ) -> Tensor:
         """Flow velocity v(x_t, t) (B, T, A) from the expert reading the prefix K/V (detached if KI)."""
-        suffix_embs, _, _, cond = self.embed_suffix(x_t, time, committed)  # (B, T, De), condition
-        bsz, horizon = suffix_embs.shape[:2]
-        n_prefix = prefix_pad.shape[1]
-        # Expert tokens see every valid prefix token and each other; RoPE positions continue the prompt.
-        mask = torch.cat(
-            [
-                prefix_pad[:, None, :].expand(bsz, horizon, n_prefix),
-                torch.ones(bsz, horizon, horizon, dtype=torch.bool, device=x_t.device),
-            ],
-            dim=2,
-        )
-        positions = prefix_pad.sum(-1, keepdim=True) + torch.arange(horizon, device=x_t.device)
+        if modulations is None:
+            suffix_embs, _, _, cond = self.embed_suffix(x_t, time, committed)  # (B, T, De), condition
+            mask, positions = self._expert_geometry(prefix_pad, suffix_embs.shape[1])
+        else:  # planned: the time condition and geometry are already made
+            suffix_embs, cond, mask, positions = self.action_in_proj(x_t), modulations, None, None
         out, _ = run_stack(
             self.paligemma_with_expert.expert_model,
             suffix_embs,
@@ -246,6 +311,7 @@ class KIModel(nn.Module):
             cond=cond,
             detach_past=self.config.stop_gradient,
             use_checkpoint=self.gradient_checkpointing_enabled and self.training,
+            geometry=geometry,
         )
         return self.action_out_proj(out.to(self.action_out_proj.weight.dtype)).float()
 
@@ -366,9 +432,19 @@ class KIModel(nn.Module):
         prefix_embs, prefix_pad = self.embed_prefix(inputs)
         _, prefix_kv = self.prefill(prefix_embs, prefix_pad)
         expert = self._inference_velocity()
+        planned = rtc_processor is None and active_fast_paths().step_plan
+        plan: StepPlan | None = None
+        steps: Iterator[int] = iter(range(num_steps))
 
         def velocity(x_t: Tensor, time: Tensor, committed: Tensor | None = None) -> Tensor:
-            return expert(prefix_kv, prefix_pad, x_t, time, committed)
+            if not planned:
+                return expert(prefix_kv, prefix_pad, x_t, time, committed)
+            nonlocal plan
+            if plan is None:  # at the first step, from the committed mask euler_steps derived
+                plan = self.plan_steps(prefix_pad, x_t.shape[1], euler_times(num_steps), committed)
+            # euler_steps calls this once per time of euler_times, in order: step k uses plan row k.
+            mods = plan.modulations[next(steps)]
+            return expert(prefix_kv, prefix_pad, x_t, time, committed, plan.geometry, mods)
 
         if rtc_processor is not None:  # LeRobot's loop owns the RTC guidance and its debug tracking
             if not guidance_differentiates_velocity():
@@ -473,7 +549,6 @@ def euler_steps(
     With `committed` (training-time RTC), the first d positions hold the committed actions at flow time 0
     before every step, as in training, and again after it (overwriting the step): the returned chunk starts
     with exactly the committed actions, and the rest is sampled conditioned on them."""
-    dt = -1.0 / num_steps
     x_t = noise
     keep = None
     if committed is not None:
@@ -481,10 +556,18 @@ def euler_steps(
         keep = committed_positions(delay, noise.shape[1])  # (B, T)
         committed = committed.to(noise.dtype)
         x_t = torch.where(keep[:, :, None], committed, x_t)
-    for step in range(num_steps):
-        time = torch.full((noise.shape[0],), 1.0 + step * dt, dtype=torch.float32, device=noise.device)
+    dt = -1.0 / num_steps
+    for t in euler_times(num_steps):
+        time = torch.full((noise.shape[0],), t, dtype=torch.float32, device=noise.device)
         if keep is None:
             x_t = x_t + dt * velocity(x_t, time)
         else:  # the committed positions at time 0 (see embed_suffix), kept at the committed actions
             x_t = torch.where(keep[:, :, None], committed, x_t + dt * velocity(x_t, time, keep))
     return x_t
+
+
+def euler_times(num_steps: int) -> list[float]:
+    """The flow time of each forward-Euler step (LeRobot's `euler_integrate`: t = 1 + k*dt with
+    dt = -1/num_steps), shared by `euler_steps` and the step plan that precomputes their conditions."""
+    dt = -1.0 / num_steps
+    return [1.0 + step * dt for step in range(num_steps)]

@@ -23,6 +23,7 @@ from tiny_setup import batch_of, build
 from lerobot_ki import model_inputs
 from lerobot_ki.cuda_graphs import flatten, unflatten
 from lerobot_ki.model_inputs import PROMPT_LENGTH_MULTIPLE, robot_inputs, trim_prompt_padding
+from lerobot_ki.transformer import fast_paths
 from lerobot_ki.vla_model import euler_steps
 
 
@@ -128,11 +129,13 @@ def test_one_call_sampler_equals_prefill_then_expert_steps(tiny):
     # What the CUDA graph records: the inputs flattened field by field and rebuilt inside the graph.
     tensors, spec = flatten(inputs)
     assert len(tensors) == 2 * len(inputs.images) + 3
-    one_call = model.sample_actions(unflatten(tensors, spec), noise.clone(), steps)
-    embs, pad = model.embed_prefix(inputs)
-    _, kv = model.prefill(embs, pad)
-    two_calls = euler_steps(lambda x, t: model.velocity(kv, pad, x, t), noise.clone(), steps)
-    assert torch.equal(one_call, two_calls)
+    with fast_paths(all=False):  # the plain path; issue 17's against it: tests/test_fast_paths.py
+        one_call = model.sample_actions(unflatten(tensors, spec), noise.clone(), steps)
+        embs, pad = model.embed_prefix(inputs)
+        _, kv = model.prefill(embs, pad)
+        two_calls = euler_steps(lambda x, t: model.velocity(kv, pad, x, t), noise.clone(), steps)
+        assert torch.equal(one_call, two_calls)
+    one_call = model.sample_actions(unflatten(tensors, spec), noise.clone(), steps)  # the default
     chunk = policy.predict_action_chunk(batch, noise=noise.clone())
     assert torch.equal(one_call[:, :, : chunk.shape[-1]], chunk)
 
