@@ -131,39 +131,87 @@ def test_training_metrics_are_read_from_step_on():
                    "loss_fast_ce": 0.52, "loss_flow": 0.09}  # fmt: skip
 
 
-def test_summary_gives_counts_intervals_and_the_checkpoint():
-    eval_info = {
-        "per_task": [
-            {"task_group": "a-v3", "task_id": 0, "metrics": {"successes": [True, False, True, True]}},
-            {"task_group": "b-v3", "task_id": 0, "metrics": {"successes": [False, False, False, False]}},
-        ],
-        "per_group": {"a-v3": {"pc_success": 75.0, "n_episodes": 4},
-                      "b-v3": {"pc_success": 0.0, "n_episodes": 4}},
-        "overall": {"pc_success": 37.5, "n_episodes": 8},
-    }  # fmt: skip
+def _success(outcomes: dict[str, list[bool]]) -> dict:
+    """evaluate.py's JSON for these per-task outcomes (the fields the report reads)."""
+    return {"per_task": {t: {"successes": o} for t, o in outcomes.items()}}
+
+
+def test_summary_gives_counts_intervals_and_checkpoints_side_by_side():
     expert = {"tasks": {"a-v3": {"attempted": 10, "successes": 10, "kept": 10}, "b-v3": {"attempted": 10,
               "successes": 9, "kept": 9}}}  # fmt: skip
     rows = [{"step": 20.0, "loss_fast_ce": 6.9, "loss_flow": 1.5}, {"step": 1200.0, "loss_fast_ce": 0.5,
             "loss_flow": 0.08, "fast_token_acc": 0.9}]  # fmt: skip
-    args = main_job.parse_args([])
-    ckpt = Path("/o/train/checkpoints/last/pretrained_model")
-    report = main_job.format_report(["a-v3", "b-v3"], expert, eval_info, rows, {"train": 60.0}, args, ckpt)
-    assert "| a-v3 | 3/4 [30%, 95%] | 10/10 [72%, 100%] | 10 |" in report
-    assert "| b-v3 | 0/4 [0%, 49%] | 9/10 [60%, 98%] | 9 |" in report
-    assert "overall ki_vla success: 3/8 [14%, 69%]" in report
-    assert f"checkpoint: `{ckpt}`" in report
-    # per_group only (older eval_info): the count is recovered from the percentage
-    only_groups = {k: v for k, v in eval_info.items() if k != "per_task"}
-    assert "| a-v3 | 3/4 [" in main_job.format_report(["a-v3"], expert, only_groups, [], {}, args)
+    args = main_job.parse_args(["--baseline", "act"])
+    ki_ckpt, act_ckpt = Path("/o/train/checkpoints/last/pretrained_model"), Path("/o/train_act/c")
+    results = {
+        "ki_vla": {"checkpoint": ki_ckpt,
+                   "success": _success({"a-v3": [True, False, True, True], "b-v3": [False] * 4})},
+        "act": {"checkpoint": act_ckpt, "success": _success({"a-v3": [False] * 4, "b-v3": [True] * 4})},
+    }  # fmt: skip
+    report = main_job.format_report(["a-v3", "b-v3"], expert, results, rows, {"train": 60.0}, args)
+    assert "| task | ki_vla success | act success | scripted expert success | demos |" in report
+    assert "| a-v3 | 3/4 [30%, 95%] | 0/4 [0%, 49%] | 10/10 [72%, 100%] | 10 |" in report
+    assert "| b-v3 | 0/4 [0%, 49%] | 4/4 [51%, 100%] | 9/10 [60%, 98%] | 9 |" in report
+    assert "| **all tasks** | 3/8 [14%, 69%] | 4/8 [22%, 78%] | | |" in report
+    assert f"checkpoint (ki_vla): `{ki_ckpt}`" in report and f"checkpoint (act): `{act_ckpt}`" in report
+    assert "FAST CE 6.900 -> 0.500" in report
 
 
 def test_outputs_list_every_video_folder(tmp_path):
-    for folder in ("a-v3_0", "b-v3_0"):
-        (tmp_path / "eval" / "videos" / folder).mkdir(parents=True)
-        (tmp_path / "eval" / "videos" / folder / "eval_episode_0.mp4").write_bytes(b"")
-    folders = main_job.video_folders(tmp_path / "eval", {"overall": {}})
-    assert [f.name for f in folders] == ["a-v3_0", "b-v3_0"]
-    text = main_job.format_outputs(tmp_path, tmp_path / "ckpt", folders)
-    assert "evaluation videos (2 folders)" in text and str(folders[1]) in text
-    assert str(tmp_path / "summary.md") in text and str(tmp_path / "ckpt") in text
-    assert "evaluation videos: none written" in main_job.format_outputs(tmp_path, tmp_path / "c", [])
+    for folder in ("eval/videos/a-v3_0", "eval/videos/b-v3_0", "eval_act/videos/a-v3_0"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "eval_episode_0.mp4").write_bytes(b"")
+    (tmp_path / "eval" / "videos" / "empty_0").mkdir()
+    folders = main_job.video_folders([tmp_path / "eval", tmp_path / "eval_act"])
+    assert [str(f.relative_to(tmp_path)) for f in folders] == [
+        "eval/videos/a-v3_0", "eval/videos/b-v3_0", "eval_act/videos/a-v3_0"]  # fmt: skip
+    text = main_job.format_outputs(tmp_path, {"ki_vla": tmp_path / "ckpt", "act": tmp_path / "a"}, folders)
+    assert "evaluation videos (3 folders)" in text and str(folders[1]) in text
+    assert str(tmp_path / "summary.md") in text and f"checkpoint (act): {tmp_path / 'a'}" in text
+    assert "evaluation videos: none written" in main_job.format_outputs(tmp_path, {}, [])
+
+
+def test_default_tasks_follow_the_written_rule():
+    """DEFAULT_TASKS are the first N of the seeded draw from LeRobot's easy group (no task skipped)."""
+    from lerobot.envs.metaworld import DIFFICULTY_TO_TASKS
+
+    drawn = main_job.task_draw(list(DIFFICULTY_TO_TASKS["easy"]))
+    assert sorted(drawn) == sorted(DIFFICULTY_TO_TASKS["easy"])  # a permutation: nothing left out
+    assert main_job.DEFAULT_TASKS.split(",") == drawn[: main_job.N_DEFAULT_TASKS]
+    assert main_job.task_draw(list(DIFFICULTY_TO_TASKS["easy"]), seed=1) != drawn  # the seed matters
+
+
+def test_baseline_trains_lerobots_policy_on_the_same_data_and_budget():
+    args = main_job.parse_args(["--baseline", "act,diffusion", "--steps", "300", "--policy.max_state_dim=32"])
+    assert args.baselines == ["act", "diffusion"]
+    ki = main_job.train_command(args, "local/x", Path("/d"), Path("/f"), Path("/t"), log_freq=10)
+    act = main_job.baseline_train_command(args, "act", "local/x", Path("/d"), Path("/t_act"), log_freq=10)
+    assert "--policy.type=act" in act and "--policy.pretrained_backbone_weights=null" in act
+    assert f"--policy.chunk_size={args.chunk_size}" in act and "--policy.n_action_steps=5" in act
+    # the same data, steps, batch, seed and device as ki_vla; none of ki_vla's own flags
+    shared = [
+        f for f in ki if f.startswith(("--dataset.", "--steps", "--batch_size", "--seed", "--policy.device"))
+    ]
+    assert shared and all(f in act for f in shared)
+    assert "--output_dir=/t_act" in act and not any("max_state_dim" in f or "ki_vla" in f for f in act)
+    diffusion = main_job.baseline_train_command(args, "diffusion", "local/x", Path("/d"), Path("/t"), 10)
+    assert "--policy.noise_scheduler_type=DDIM" in diffusion and "--steps=300" in diffusion
+
+
+def test_unknown_baseline_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main_job.parse_args(["--baseline", "act,smolvla"])
+    assert "--baseline smolvla: choose from act, diffusion" in capsys.readouterr().err
+
+
+def test_evaluation_runs_lerobots_loop_at_the_recorded_size():
+    args = main_job.parse_args(["--eval-episodes", "7"])
+    assert args.render_size == 96  # the tiny preset's image resolution
+    assert main_job.parse_args(["--preset", "real"]).render_size == 224
+    cmd = main_job.eval_command(args, Path("/c"), ["a-v3", "b-v3"], Path("/e"))
+    assert cmd[1].endswith("examples/metaworld/evaluate.py")
+    text = " ".join(cmd)
+    assert "--tasks a-v3,b-v3 --episodes 7 --render-size 96 --start-seed 1000" in text
+    assert "--json /e/success.json" in text and "--heldout-root" not in text
+    held = " ".join(main_job.eval_command(args, Path("/c"), ["a-v3"], Path("/e"), heldout_dir=Path("/h")))
+    assert f"--heldout-root /h --heldout-repo-id {main_job.HELDOUT_ID}" in held

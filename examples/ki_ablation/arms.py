@@ -14,13 +14,14 @@ differs from KI only in the flags listed here. The paper's arms (Driess et al. 2
 - scratch         KI from a randomly initialised backbone: what the pretrained VLM contributes.
 
 Reference rows (not ablations): LeRobot's own ACT and Diffusion Policy on the same demonstrations, with
-their default hyper-parameters except: no downloaded ImageNet weights (offline), ACT with ki_vla's chunk and
-n_action_steps, Diffusion sampling with 10 DDIM steps.
+the flags of examples/metaworld/baselines.py (shared with the main job's `--baseline`).
 """
 
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass
+
+from baselines import REFERENCE_FLAGS  # examples/metaworld, on the path the runner sets
 
 
 @dataclass(frozen=True)
@@ -62,18 +63,13 @@ ARMS: dict[str, Arm] = {
             "act",
             "LeRobot ACT (reference; ResNet-18 from scratch)",
             policy_type="act",
-            flags=("--policy.pretrained_backbone_weights=null",),
+            flags=REFERENCE_FLAGS["act"],
         ),
         Arm(
             "diffusion",
             "LeRobot Diffusion Policy (reference; ResNet-18 from scratch)",
             policy_type="diffusion",
-            # DDIM with 10 denoising steps instead of 100 DDPM steps: 10x cheaper rollouts on a CPU.
-            flags=(
-                "--policy.pretrained_backbone_weights=null",
-                "--policy.noise_scheduler_type=DDIM",
-                "--policy.num_inference_steps=10",
-            ),
+            flags=REFERENCE_FLAGS["diffusion"],
         ),
     )
 }

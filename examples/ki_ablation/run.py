@@ -41,6 +41,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "examples" / "metaworld"))
 
 from arms import ARMS, Arm, parse_arms  # noqa: E402
+from baselines import reference_policy_flags  # noqa: E402
 from main_job import (  # noqa: E402
     NORMALIZATION,
     PRESETS,
@@ -236,17 +237,9 @@ def train_command(arm: Arm, seed: int, args: argparse.Namespace, out: Path, trai
         f"--output_dir={train_dir}",
         "--wandb.enable=false",
     ]
-    if arm.policy_type == "act":
-        return [
-            console_script("lerobot-train"),
-            "--policy.type=act",
-            *arm.flags,
-            *common,
-            f"--policy.chunk_size={args.chunk_size}",
-            f"--policy.n_action_steps={args.n_action_steps}",
-        ]
-    if arm.policy_type == "diffusion":
-        return [console_script("lerobot-train"), "--policy.type=diffusion", *arm.flags, *common]
+    if not arm.is_ki_vla:
+        flags = reference_policy_flags(arm.policy_type, args.chunk_size, args.n_action_steps)
+        return [console_script("lerobot-train"), *flags, *common]
     cmd = [
         console_script("lerobot-train"),
         "--policy.type=ki_vla",
@@ -365,7 +358,7 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
     if not success_json.exists():
         cmd = [
             sys.executable,
-            str(HERE / "evaluate.py"),
+            str(REPO / "examples" / "metaworld" / "evaluate.py"),
             "--checkpoint",
             str(final),
             "--tasks",

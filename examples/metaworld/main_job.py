@@ -1,11 +1,17 @@
-"""The main job: Meta-World expert demonstrations -> FAST -> lerobot-train ki_vla -> lerobot-eval.
+"""The main job: Meta-World expert demonstrations -> FAST -> lerobot-train ki_vla -> evaluation.
 
-Every stage uses the real tool a user would run (record_dataset.py, lerobot-ki-fit-fast, lerobot-train,
-lerobot-eval); this script only sequences them, times them and summarises the result:
+Every stage runs a real tool (record_dataset.py, lerobot-ki-fit-fast, lerobot-train, evaluate.py, which is
+LeRobot's own evaluation loop `eval_policy_all` over LeRobot's Meta-World env); this script only sequences
+them, times them and summarises the result:
 
     python examples/metaworld/main_job.py                      # the default: tiny preset, CPU, no network
+    python examples/metaworld/main_job.py --baseline act       # and LeRobot's ACT, same data/budget/seeds
     python examples/metaworld/main_job.py --tasks button-press-topdown-v3,drawer-open-v3,handle-press-v3 \
         --episodes-per-task 30 --steps 20000 --preset real --device cuda     # scaled up
+
+Rendering: demonstrations and evaluation both render frames at the policy's resolution without shadows
+(`lerobot_ki/metaworld_render.py`: ~25x cheaper on a CPU than LeRobot's 480 px frames; same task, physics
+and success signal). The task set: DEFAULT_TASKS below says how it was chosen.
 
 Flags this script does not know that start with --policy. or --dataset. go to lerobot-train, after (and
 replacing) the ones the script sets, e.g. for the real preset offline:
@@ -19,8 +25,8 @@ The console shows one condensed progress line now and then per stage (episodes r
 with their losses, evaluation batches); each stage's full output goes to a log file.
 
 Outputs (under --output-dir, default outputs/main_job): dataset/, fast_tokenizer/, train/ (checkpoints),
-eval/ (eval_info.json, videos/<task>_<i>/), the stage logs record.log, fit_fast.log, train.log, eval.log,
-losses.png, summary.md.
+eval/ (success.json, videos/<task>_0/), the stage logs record.log, fit_fast.log, train.log, eval.log,
+losses.png, summary.md; with --baseline NAME also train_NAME/, eval_NAME/ and their logs.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import select
 import shlex
@@ -38,7 +45,17 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_TASKS = "button-press-topdown-v3,drawer-open-v3"
+if str(HERE) not in sys.path:  # the sibling scripts (baselines.py), however this one was loaded
+    sys.path.insert(0, str(HERE))
+# The default tasks follow a rule written down before any policy was evaluated on them: the first four
+# tasks of Meta-World's "easy" group (LeRobot's DIFFICULTY_TO_TASKS["easy"], 28 tasks) in the order
+# random.Random(0).sample(sorted(easy), 28) draws them, skipping a task whose scripted expert fails more
+# than 1 of the 10 demonstrations (none was skipped; the record stage prints the experts' successes).
+TASK_DRAW_SEED, N_DEFAULT_TASKS, MAX_EXPERT_FAILURES = 0, 4, 1
+DEFAULT_TASKS = "window-open-v3,faucet-close-v3,reach-v3,faucet-open-v3"
+REPO_ID, HELDOUT_ID = "local/metaworld_main_job", "local/metaworld_main_job_heldout"
+EVAL_SEED = 1000  # evaluation episodes use seeds 1000.. (as lerobot-eval --seed=1000); demonstrations 0..
+HELDOUT_SEED = 500  # held-out demonstrations (chunk error, never trained on) use seeds 500..
 # Meta-World actions are already in [-1, 1], and LeRobot's dataset quantiles are averages of per-episode
 # quantiles, which collapse on dims an episode keeps constant (the gripper): min/max is the robust choice.
 NORMALIZATION = '{"VISUAL": "IDENTITY", "STATE": "MIN_MAX", "ACTION": "MIN_MAX"}'
@@ -61,7 +78,17 @@ PRESETS = {
 }
 
 
+# The rendered frame side for each preset: the policy's input resolution, so no resize is involved.
+RENDER_SIZE = {"tiny": 96, "real": 224}
+BASELINES = ("act", "diffusion")  # LeRobot's policies (examples/metaworld/baselines.py)
 STAGE_LOGS = ("record.log", "fit_fast.log", "train.log", "eval.log")
+
+
+def task_draw(easy: list[str], seed: int = TASK_DRAW_SEED) -> list[str]:
+    """Meta-World's easy tasks in the order the default-task rule draws them (see DEFAULT_TASKS)."""
+    return random.Random(seed).sample(sorted(easy), len(easy))
+
+
 PASS_THROUGH = ("--policy.", "--dataset.")  # unknown flags with these prefixes go to lerobot-train
 
 
@@ -82,6 +109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=10,
         help="expert demonstrations per task (default: %(default)s)",
     )
+    p.add_argument(
+        "--heldout-episodes-per-task",
+        type=int,
+        default=3,
+        help="expert demonstrations never trained on, for each policy's chunk error (default: %(default)s)",
+    )
     p.add_argument("--steps", type=int, default=1200, help="training steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     p.add_argument("--chunk-size", type=int, default=20, help="action chunk length (default: %(default)s)")
@@ -89,7 +122,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--n-action-steps", type=int, default=5, help="actions executed per chunk (default: %(default)s)"
     )
     p.add_argument(
-        "--eval-episodes", type=int, default=4, help="evaluation episodes per task (default: %(default)s)"
+        "--eval-episodes", type=int, default=10, help="evaluation episodes per task (default: %(default)s)"
+    )
+    p.add_argument(
+        "--render-size",
+        type=int,
+        default=None,
+        help="frame side in px for demonstrations and evaluation (default: the preset's image resolution, "
+        f"{RENDER_SIZE})",
+    )
+    p.add_argument(
+        "--baseline",
+        default="",
+        help=f"comma list of LeRobot policies ({', '.join(BASELINES)}) to train on the same demonstrations "
+        "with the same steps, batch and seed, and evaluate on the same episodes (default: none)",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="(default: %(default)s)")
     p.add_argument("--device", default="cpu", help="(default: %(default)s)")
@@ -109,6 +155,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--dataset.<name>=<value> are passed on to lerobot-train)"
         )
     args.train_extra = unknown
+    args.baselines = [b.strip() for b in args.baseline.split(",") if b.strip()]
+    unknown_baselines = [b for b in args.baselines if b not in BASELINES]
+    if unknown_baselines:
+        p.error(f"--baseline {','.join(unknown_baselines)}: choose from {', '.join(BASELINES)}")
+    if args.render_size is None:
+        args.render_size = RENDER_SIZE[args.preset]
     return args
 
 
@@ -118,22 +170,59 @@ def merge_flags(base: list[str], extra: list[str]) -> list[str]:
     return [f for f in base if f.split("=", 1)[0] not in names] + list(extra)
 
 
-def train_command(args: argparse.Namespace, repo_id: str, data_dir: Path, fast_dir: Path, train_dir: Path,
-                  log_freq: int) -> list[str]:  # fmt: skip
-    """The lerobot-train command line of the training stage."""
-    base = [
-        "--policy.type=ki_vla", *PRESETS[args.preset],
+def _shared_train_flags(args: argparse.Namespace, repo_id: str, data_dir: Path, train_dir: Path,
+                        log_freq: int) -> list[str]:  # fmt: skip
+    """What every policy of the job trains with: the same data, device, steps, batch and seed."""
+    return [
         f"--dataset.repo_id={repo_id}", f"--dataset.root={data_dir}",
-        f"--policy.fast_tokenizer_path={fast_dir}", f"--policy.normalization_mapping={NORMALIZATION}",
-        f"--policy.chunk_size={args.chunk_size}", f"--policy.n_action_steps={args.n_action_steps}",
-        "--policy.max_state_dim=8", "--policy.max_action_dim=8",
         f"--policy.device={args.device}", "--policy.push_to_hub=false",
         f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--save_freq={args.steps}",
         f"--log_freq={log_freq}", f"--num_workers={args.num_workers}",
         f"--seed={args.seed}",
         f"--output_dir={train_dir}", "--wandb.enable=false",
     ]  # fmt: skip
+
+
+def train_command(args: argparse.Namespace, repo_id: str, data_dir: Path, fast_dir: Path, train_dir: Path,
+                  log_freq: int) -> list[str]:  # fmt: skip
+    """The lerobot-train command line of ki_vla's training stage."""
+    base = [
+        "--policy.type=ki_vla", *PRESETS[args.preset],
+        f"--policy.fast_tokenizer_path={fast_dir}", f"--policy.normalization_mapping={NORMALIZATION}",
+        f"--policy.chunk_size={args.chunk_size}", f"--policy.n_action_steps={args.n_action_steps}",
+        "--policy.max_state_dim=8", "--policy.max_action_dim=8",
+        *_shared_train_flags(args, repo_id, data_dir, train_dir, log_freq),
+    ]  # fmt: skip
     return [console_script("lerobot-train"), *merge_flags(base, getattr(args, "train_extra", []))]
+
+
+def baseline_train_command(args: argparse.Namespace, name: str, repo_id: str, data_dir: Path,
+                           train_dir: Path, log_freq: int) -> list[str]:  # fmt: skip
+    """lerobot-train for LeRobot's policy `name` on the same data and budget (the --policy.* flags the
+    user passes are ki_vla's and do not reach it)."""
+    from baselines import reference_policy_flags
+
+    return [
+        console_script("lerobot-train"),
+        *reference_policy_flags(name, args.chunk_size, args.n_action_steps),
+        *_shared_train_flags(args, repo_id, data_dir, train_dir, log_freq),
+    ]
+
+
+def eval_command(args: argparse.Namespace, checkpoint: Path, tasks: list[str], eval_dir: Path,
+                 heldout_dir: Path | None = None) -> list[str]:  # fmt: skip
+    """evaluate.py (LeRobot's eval_policy_all, cheap rendering) on the job's tasks and seeds, one video per
+    task; with `heldout_dir`, also the chunk error on those demonstrations."""
+    heldout = (
+        [] if heldout_dir is None else ["--heldout-root", str(heldout_dir), "--heldout-repo-id", HELDOUT_ID]
+    )
+    return [
+        sys.executable, str(HERE / "evaluate.py"), "--checkpoint", str(checkpoint),
+        "--tasks", ",".join(tasks), "--episodes", str(args.eval_episodes),
+        "--render-size", str(args.render_size), "--start-seed", str(EVAL_SEED), "--device", args.device,
+        "--videos-dir", str(eval_dir / "videos"), "--max-videos", "1",
+        "--json", str(eval_dir / "success.json"), *heldout,
+    ]  # fmt: skip
 
 
 _TQDM = re.compile(r"^\s*(?P<desc>[^|]*?):?\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)")
@@ -313,25 +402,32 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    repo_id = "local/metaworld_main_job"
-    data_dir, fast_dir, train_dir, eval_dir = (
-        out / n for n in ("dataset", "fast_tokenizer", "train", "eval")
-    )
+    repo_id = REPO_ID
+    data_dir, fast_dir, heldout_dir = out / "dataset", out / "fast_tokenizer", out / "heldout"
+    policies = ["ki_vla", *args.baselines]
+    run_dirs = {p: (out / _suffixed("train", p), out / _suffixed("eval", p)) for p in policies}
     if args.fresh:
-        for d in (data_dir, fast_dir):
+        for d in (data_dir, fast_dir, heldout_dir):
             shutil.rmtree(d, ignore_errors=True)
+    # A dataset recorded at another frame size cannot be reused: the policy would train on other frames.
+    summary_json = out / "dataset_summary.json"
+    if summary_json.exists() and json.loads(summary_json.read_text()).get("render_size") != args.render_size:
+        print(f"  the dataset in {data_dir} was rendered at another size: recording again")
+        for d in (data_dir, fast_dir, heldout_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        summary_json.unlink()
     # Training and evaluation results are never overwritten: a rerun moves the previous ones aside.
-    for d in (train_dir, eval_dir):
+    for d in (d for pair in run_dirs.values() for d in pair):
         if d.exists():
             d.rename(
                 d.with_name(f"{d.name}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(d.stat().st_mtime))}")
             )
 
-    n_stages = 4
+    n_stages = 2 + 2 * len(policies)
     t0 = time.perf_counter()
-    summary_json = out / "dataset_summary.json"
     print(
-        f"[1/{n_stages}] record expert demonstrations ({args.episodes_per_task} per task: {', '.join(tasks)})"
+        f"[1/{n_stages}] record expert demonstrations ({args.episodes_per_task} per task: "
+        f"{', '.join(tasks)}; {args.render_size} px frames)"
     )
     if not (data_dir / "meta" / "info.json").exists() or not summary_json.exists():
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -339,13 +435,28 @@ def main(argv: list[str] | None = None) -> int:
         run(
             [sys.executable, str(HERE / "record_dataset.py"), "--tasks", ",".join(tasks),
              "--episodes-per-task", str(args.episodes_per_task), "--root", str(data_dir),
-             "--repo-id", repo_id,
+             "--repo-id", repo_id, "--render-size", str(args.render_size),
              "--seed", str(args.seed), "--summary-json", str(summary_json)],
             log, Progress("record", log, keep=("frames @", "error:"), bars=("episodes",)),
         )  # fmt: skip
+        summary = json.loads(summary_json.read_text())
+        summary_json.write_text(json.dumps({**summary, "render_size": args.render_size}, indent=2))
     else:
         print(f"  reusing {data_dir} (--fresh to record again)")
     expert = json.loads(summary_json.read_text())
+    if args.heldout_episodes_per_task > 0 and not (heldout_dir / "meta" / "info.json").exists():
+        shutil.rmtree(heldout_dir, ignore_errors=True)
+        log = out / "record_heldout.log"
+        print(
+            f"  held-out demonstrations ({args.heldout_episodes_per_task} per task, seeds {HELDOUT_SEED}..)"
+        )
+        run(
+            [sys.executable, str(HERE / "record_dataset.py"), "--tasks", ",".join(tasks),
+             "--episodes-per-task", str(args.heldout_episodes_per_task), "--root", str(heldout_dir),
+             "--repo-id", HELDOUT_ID, "--render-size", str(args.render_size),
+             "--seed", str(HELDOUT_SEED), "--no-progress"],
+            log, Progress("record", log, keep=("frames @", "error:"), bars=()),
+        )  # fmt: skip
     times["record demonstrations"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -362,55 +473,67 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  reusing {fast_dir} (--fresh to fit again)")
     times["fit FAST"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    train_log = out / "train.log"
     log_freq = max(10, args.steps // 60)
-    print(f"[3/{n_stages}] train ki_vla ({args.preset} preset, {args.steps} steps, batch {args.batch_size})")
-    run(
-        train_command(args, repo_id, data_dir, fast_dir, train_dir, log_freq),
-        train_log,
-        Progress("train", train_log, total_steps=args.steps, keep=("FAST fitted", "Weights from"), bars=()),
-    )
-    times["train (lerobot-train)"] = time.perf_counter() - t0
-    rows = parse_train_log(train_log.read_text(errors="replace"), log_freq)
-    plot_losses(rows, out / "losses.png")
+    results: dict[str, dict] = {}
+    rows: list[dict[str, float]] = []
+    for i, policy in enumerate(policies):
+        train_dir, eval_dir = run_dirs[policy]
+        train_log, eval_log = (out / f"{_suffixed(n, policy)}.log" for n in ("train", "eval"))
+        stage = 3 + 2 * i
+        t0 = time.perf_counter()
+        if policy == "ki_vla":
+            print(f"[{stage}/{n_stages}] train ki_vla ({args.preset} preset, {args.steps} steps, batch "
+                  f"{args.batch_size})")  # fmt: skip
+            cmd = train_command(args, repo_id, data_dir, fast_dir, train_dir, log_freq)
+        else:
+            print(f"[{stage}/{n_stages}] train LeRobot's {policy} (reference: same data, {args.steps} steps, "
+                  f"batch {args.batch_size}, seed {args.seed})")  # fmt: skip
+            cmd = baseline_train_command(args, policy, repo_id, data_dir, train_dir, log_freq)
+        run(cmd, train_log, Progress("train", train_log, total_steps=args.steps,
+                                     keep=("FAST fitted", "Weights from"), bars=()))  # fmt: skip
+        times[f"train {policy} (lerobot-train)"] = time.perf_counter() - t0
+        if policy == "ki_vla":
+            rows = parse_train_log(train_log.read_text(errors="replace"), log_freq)
+            plot_losses(rows, out / "losses.png")
 
-    t0 = time.perf_counter()
-    checkpoint = train_dir / "checkpoints" / "last" / "pretrained_model"
-    eval_log = out / "eval.log"
-    print(f"[4/{n_stages}] evaluate in Meta-World ({args.eval_episodes} episodes per task, seeds from 1000)")
-    run(
-        [console_script("lerobot-eval"), f"--policy.path={checkpoint}",
-         "--env.type=metaworld", f"--env.task={','.join(tasks)}", f"--eval.n_episodes={args.eval_episodes}",
-         "--eval.batch_size=1", "--eval.use_async_envs=false", f"--policy.device={args.device}",
-         "--seed=1000", f"--output_dir={eval_dir}"],
-        eval_log,
-        Progress("evaluate", eval_log, min_interval=30.0,
-                 bars=("Stepping through eval batches", "Running rollout")),  # fmt: skip
-    )  # fmt: skip
-    times["evaluate (lerobot-eval)"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        checkpoint = train_dir / "checkpoints" / "last" / "pretrained_model"
+        print(f"[{stage + 1}/{n_stages}] evaluate {policy} in Meta-World ({args.eval_episodes} episodes per "
+              f"task, seeds from {EVAL_SEED})")  # fmt: skip
+        eval_dir.mkdir(parents=True)
+        progress = Progress("evaluate", eval_log, min_interval=30.0, bars=("Stepping through eval batches",))
+        heldout = heldout_dir if args.heldout_episodes_per_task > 0 else None
+        run(eval_command(args, checkpoint, tasks, eval_dir, heldout), eval_log, progress)
+        times[f"evaluate {policy}"] = time.perf_counter() - t0
+        results[policy] = {
+            "checkpoint": checkpoint,
+            "success": json.loads((eval_dir / "success.json").read_text()),
+        }
 
-    eval_info = json.loads((eval_dir / "eval_info.json").read_text())
-    report = format_report(tasks, expert, eval_info, rows, times, args, checkpoint=checkpoint)
+    report = format_report(tasks, expert, results, rows, times, args)
     (out / "summary.md").write_text(report)
     print(report)
-    print(format_outputs(out, checkpoint, video_folders(eval_dir, eval_info)))
+    videos = video_folders([eval_dir for _, eval_dir in run_dirs.values()])
+    print(format_outputs(out, {p: r["checkpoint"] for p, r in results.items()}, videos))
     return 0
 
 
-def video_folders(eval_dir: Path, eval_info: dict) -> list[Path]:
-    """Every folder holding evaluation videos (lerobot-eval writes one per task and env index)."""
-    paths = [Path(p) for p in eval_info.get("overall", {}).get("video_paths", [])]
-    paths += list(eval_dir.glob("videos/**/*.mp4"))
-    return sorted({p.parent for p in paths})
+def _suffixed(name: str, policy: str) -> str:
+    """ki_vla's stage folders and logs keep plain names (train/, eval.log); a baseline's are suffixed."""
+    return name if policy == "ki_vla" else f"{name}_{policy}"
 
 
-def format_outputs(out: Path, checkpoint: Path, folders: list[Path]) -> str:
+def video_folders(eval_dirs: list[Path]) -> list[Path]:
+    """Every folder holding evaluation videos (one per task and policy: <eval dir>/videos/<task>_0/)."""
+    return sorted({p.parent for d in eval_dirs for p in d.glob("videos/**/*.mp4")})
+
+
+def format_outputs(out: Path, checkpoints: dict[str, Path], folders: list[Path]) -> str:
     lines = [
         "outputs:",
         f"  summary:     {out / 'summary.md'}",
         f"  loss plot:   {out / 'losses.png'}",
-        f"  checkpoint:  {checkpoint}",
+        *(f"  checkpoint ({policy}): {path}" for policy, path in checkpoints.items()),
         f"  stage logs:  {', '.join(str(out / n) for n in STAGE_LOGS)}",
     ]
     if folders:
@@ -421,52 +544,53 @@ def format_outputs(out: Path, checkpoint: Path, folders: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def _task_counts(eval_info: dict, task: str) -> tuple[int, int]:
-    """(successful episodes, episodes) of one task in lerobot-eval's eval_info.json."""
-    lists = [
-        entry.get("metrics", entry).get("successes", [])
-        for entry in eval_info.get("per_task", [])
-        if task in (entry.get("task_group"), entry.get("task"))
-    ]
-    if lists:
-        return sum(int(bool(x)) for lst in lists for x in lst), sum(len(lst) for lst in lists)
-    group = eval_info.get("per_group", {}).get(task) or {}
-    if "pc_success" in group:
-        n = int(group.get("n_episodes", 0))
-        return round(float(group["pc_success"]) * n / 100), n
-    return 0, 0
-
-
-def format_report(tasks, expert, eval_info, rows, times, args, checkpoint: Path | None = None) -> str:
+def format_report(tasks: list[str], expert: dict, results: dict[str, dict], rows: list[dict[str, float]],
+                  times: dict[str, float], args: argparse.Namespace) -> str:  # fmt: skip
+    """summary.md: per task and overall, each policy's successes (k/n with the 95% Wilson interval) side by
+    side, the experts' successes, ki_vla's losses and each stage's wall time. `results`: policy ->
+    {"success": evaluate.py's JSON, "checkpoint": path}."""
     from lerobot_ki.stats import format_successes
 
+    policies = list(results)
     lines = [
         f"## ki_vla ({args.preset} preset) on Meta-World: {args.steps} training steps, "
-        f"batch {args.batch_size}",
+        f"batch {args.batch_size}, seed {args.seed}",
         "",
-        "Successes are episodes k/n with the 95% Wilson interval of the rate.",
+        f"Successes are episodes k/n (seeds {EVAL_SEED}..) with the 95% Wilson interval of the rate; every "
+        f"policy trained on the same demonstrations with the same steps and batch, evaluated on the same "
+        f"episodes ({args.render_size} px frames).",
         "",
-        "| task | ki_vla success | scripted expert success | demos |",
-        "|---|---|---|---|",
+        "| task | " + " | ".join(f"{p} success" for p in policies) + " | scripted expert success | demos |",
+        "|---|" + "---|" * (len(policies) + 2),
     ]
-    total_k = total_n = 0
     for task in tasks:
-        k, n = _task_counts(eval_info, task)
-        total_k, total_n = total_k + k, total_n + n
+        cells = []
+        for p in policies:
+            outcomes = results[p]["success"]["per_task"].get(task, {}).get("successes", [])
+            cells.append(format_successes(sum(outcomes), len(outcomes)))
         e = expert["tasks"].get(task, {})
         expert_cell = format_successes(int(e["successes"]), int(e["attempted"])) if "attempted" in e else "?"
-        lines.append(f"| {task} | {format_successes(k, n)} | {expert_cell} | {e.get('kept', '?')} |")
-    lines += ["", f"overall ki_vla success: {format_successes(total_k, total_n)}", ""]
+        lines.append(f"| {task} | {' | '.join(cells)} | {expert_cell} | {e.get('kept', '?')} |")
+    overall = []
+    for p in policies:
+        outcomes = [o for t in results[p]["success"]["per_task"].values() for o in t["successes"]]
+        overall.append(format_successes(sum(outcomes), len(outcomes)))
+    lines.append(f"| **all tasks** | {' | '.join(overall)} | | |")
+    mse = [results[p]["success"].get("heldout_chunk_mse") for p in policies]
+    if any(m is not None for m in mse):
+        cells = " | ".join("" if m is None else f"{m:.4f}" for m in mse)
+        lines.append(f"| held-out chunk MSE (action units) | {cells} | | |")
+    lines.append("")
     if rows:
         first, last = rows[0], rows[-1]
         lines.append(
-            f"losses (step {first['step']:.0f} -> {last['step']:.0f}): "
+            f"ki_vla losses (step {first['step']:.0f} -> {last['step']:.0f}): "
             f"FAST CE {first['loss_fast_ce']:.3f} -> "
             f"{last['loss_fast_ce']:.3f}, flow MSE {first['loss_flow']:.3f} -> {last['loss_flow']:.3f}, "
             f"FAST token accuracy {last.get('fast_token_acc', float('nan')):.2f}"
         )
-    if checkpoint is not None:
-        lines += ["", f"checkpoint: `{checkpoint}`"]
+        lines.append("")
+    lines += [f"checkpoint ({p}): `{r['checkpoint']}`" for p, r in results.items()]
     lines += ["", "| stage | wall time |", "|---|---|"]
     lines += [f"| {k} | {v / 60:.1f} min |" for k, v in times.items()]
     lines.append(f"| total | {sum(times.values()) / 60:.1f} min |")

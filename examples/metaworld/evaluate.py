@@ -81,6 +81,7 @@ def success_rates(
     max_steps: int | None = None,
     hide_goals: bool = False,
     batch: int = 10,
+    max_videos: int | None = None,
 ) -> dict[str, Any]:
     """Per-task and overall success of `n_episodes` episodes per task, seeds start_seed.. (as lerobot-eval
     --seed=start_seed), with per-episode outcomes. With `hide_goals`, reach/push/pick-place run in their
@@ -119,7 +120,10 @@ def success_rates(
                 preprocessor=pre,
                 postprocessor=post,
                 n_episodes=n_episodes,
-                max_episodes_rendered=min(n_episodes, batch) if videos_dir else 0,
+                # per task; default: every episode of the first batch
+                max_episodes_rendered=(min(n_episodes, batch) if max_videos is None else max_videos)
+                if videos_dir
+                else 0,
                 videos_dir=videos_dir,
                 start_seed=start_seed,
             )
@@ -191,13 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
     import os
-    import sys
 
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
     # --tasks is read as the recorder reads it (difficulty groups, `metaworld-` prefixes, unknown names
-    # refused), so that the runner's one --tasks string names the same tasks for recording and evaluation.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "metaworld"))
+    # refused), so that one --tasks string names the same tasks for recording and evaluation. The
+    # recorder sits next to this script, whose folder Python puts on the path.
     from record_dataset import resolve_tasks
 
     p = argparse.ArgumentParser(description=main.__doc__)
@@ -209,16 +212,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--videos-dir", type=Path, default=None)
+    p.add_argument("--max-videos", type=int, default=None, help="episodes per task written as video")
     p.add_argument(
         "--hide-goals", action="store_true", help="reach/push/pick-place: language-following variant"
     )
+    p.add_argument("--heldout-root", type=Path, default=None, help="also: chunk MSE on these demonstrations")
+    p.add_argument("--heldout-repo-id", default=None)
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
     result = success_rates(
         args.checkpoint, resolve_tasks(args.tasks), args.episodes, args.render_size,
         start_seed=args.start_seed, device=args.device, videos_dir=args.videos_dir, max_steps=args.max_steps,
-        hide_goals=args.hide_goals,
+        hide_goals=args.hide_goals, max_videos=args.max_videos,
     )  # fmt: skip
+    if args.heldout_root is not None:
+        result["heldout_chunk_mse"] = heldout_chunk_mse(
+            args.checkpoint, args.heldout_root, args.heldout_repo_id, device=args.device
+        )
     args.json.write_text(json.dumps(result, indent=1))
     return 0
 
