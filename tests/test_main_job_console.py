@@ -215,3 +215,21 @@ def test_evaluation_runs_lerobots_loop_at_the_recorded_size():
     assert "--json /e/success.json" in text and "--heldout-root" not in text
     held = " ".join(main_job.eval_command(args, Path("/c"), ["a-v3"], Path("/e"), heldout_dir=Path("/h")))
     assert f"--heldout-root /h --heldout-repo-id {main_job.HELDOUT_ID}" in held
+
+
+def test_a_dataset_rendered_at_another_size_is_moved_aside_not_deleted(tmp_path, monkeypatch):
+    """Old outputs (480 px, no render_size recorded) are kept under a time-stamped name; the job stops at
+    the recording stage here (its command fails), after moving them."""
+    out = tmp_path / "job"
+    (out / "dataset" / "meta").mkdir(parents=True)
+    (out / "dataset" / "meta" / "info.json").write_text("{}")
+    (out / "dataset_summary.json").write_text('{"tasks": {}}')
+    monkeypatch.setattr(main_job, "run", lambda *a, **k: (_ for _ in ()).throw(SystemExit("stop")))
+    with pytest.raises(SystemExit):
+        main_job.main(["--output-dir", str(out)])
+    kept = sorted(p.name for p in out.iterdir())
+    assert any(n.startswith("dataset.") for n in kept) and any(
+        n.startswith("dataset_summary.json.") for n in kept
+    )
+    moved = next(p for p in out.iterdir() if p.name.startswith("dataset.") and p.is_dir())
+    assert (moved / "meta" / "info.json").read_text() == "{}"

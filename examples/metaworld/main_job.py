@@ -412,16 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     # A dataset recorded at another frame size cannot be reused: the policy would train on other frames.
     summary_json = out / "dataset_summary.json"
     if summary_json.exists() and json.loads(summary_json.read_text()).get("render_size") != args.render_size:
-        print(f"  the dataset in {data_dir} was rendered at another size: recording again")
-        for d in (data_dir, fast_dir, heldout_dir):
-            shutil.rmtree(d, ignore_errors=True)
-        summary_json.unlink()
+        print(f"  the dataset in {data_dir} was rendered at another size: moved aside, recording again")
+        for d in (data_dir, fast_dir, heldout_dir, summary_json):
+            move_aside(d)
     # Training and evaluation results are never overwritten: a rerun moves the previous ones aside.
     for d in (d for pair in run_dirs.values() for d in pair):
-        if d.exists():
-            d.rename(
-                d.with_name(f"{d.name}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(d.stat().st_mtime))}")
-            )
+        move_aside(d)
 
     n_stages = 2 + 2 * len(policies)
     t0 = time.perf_counter()
@@ -516,6 +512,13 @@ def main(argv: list[str] | None = None) -> int:
     videos = video_folders([eval_dir for _, eval_dir in run_dirs.values()])
     print(format_outputs(out, {p: r["checkpoint"] for p, r in results.items()}, videos))
     return 0
+
+
+def move_aside(path: Path) -> None:
+    """Renames an existing `path` to `<name>.<its modification time>` (nothing the job made is deleted)."""
+    if path.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        path.rename(path.with_name(f"{path.name}.{stamp}"))
 
 
 def _suffixed(name: str, policy: str) -> str:
