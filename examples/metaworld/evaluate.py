@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lerobot_ki.stats import wilson_interval
+from lerobot_ki.stats import format_successes, wilson_interval
 
 
 def load_policy(checkpoint: Path, device: str):
@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.heldout_root, args.heldout_repo_id, device=args.device
         )
     args.json.write_text(json.dumps(result, indent=1))
+    for task, entry in result["per_task"].items():
+        print(
+            f"{task}: {format_successes(sum(entry['successes']), len(entry['successes']))} episodes succeeded"
+        )
     return 0
 
 

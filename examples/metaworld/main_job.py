@@ -497,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{stage + 1}/{n_stages}] evaluate {policy} in Meta-World ({args.eval_episodes} episodes per "
               f"task, seeds from {EVAL_SEED})")  # fmt: skip
         eval_dir.mkdir(parents=True)
-        progress = Progress("evaluate", eval_log, min_interval=30.0, bars=("Stepping through eval batches",))
+        progress = Progress("evaluate", eval_log, min_interval=30.0, keep=("episodes succeeded",),
+                            bars=("Stepping through eval batches",))  # fmt: skip
         heldout = heldout_dir if args.heldout_episodes_per_task > 0 else None
         run(eval_command(args, checkpoint, tasks, eval_dir, heldout), eval_log, progress)
         times[f"evaluate {policy}"] = time.perf_counter() - t0
