@@ -109,6 +109,8 @@ def success_rates(
     envs = make_cheap_metaworld_envs(
         ",".join(tasks), n_envs=min(n_episodes, batch), size=render_size, max_steps=max_steps, adjust=adjust
     )
+    # per task; by default every episode of the first batch
+    n_videos = 0 if not videos_dir else min(n_episodes, batch) if max_videos is None else max_videos
     set_seed(start_seed)
     try:
         with torch.no_grad():
@@ -120,10 +122,7 @@ def success_rates(
                 preprocessor=pre,
                 postprocessor=post,
                 n_episodes=n_episodes,
-                # per task; default: every episode of the first batch
-                max_episodes_rendered=(min(n_episodes, batch) if max_videos is None else max_videos)
-                if videos_dir
-                else 0,
+                max_episodes_rendered=n_videos,
                 videos_dir=videos_dir,
                 start_seed=start_seed,
             )

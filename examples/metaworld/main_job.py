@@ -209,6 +209,16 @@ def baseline_train_command(args: argparse.Namespace, name: str, repo_id: str, da
     ]
 
 
+def record_command(args: argparse.Namespace, tasks: list[str], episodes: int, root: Path, repo_id: str,
+                   seed: int) -> list[str]:  # fmt: skip
+    """record_dataset.py for `episodes` demonstrations per task from `seed` on, at the job's frame size."""
+    return [
+        sys.executable, str(HERE / "record_dataset.py"), "--tasks", ",".join(tasks),
+        "--episodes-per-task", str(episodes), "--root", str(root), "--repo-id", repo_id,
+        "--render-size", str(args.render_size), "--seed", str(seed),
+    ]  # fmt: skip
+
+
 def eval_command(args: argparse.Namespace, checkpoint: Path, tasks: list[str], eval_dir: Path,
                  heldout_dir: Path | None = None) -> list[str]:  # fmt: skip
     """evaluate.py (LeRobot's eval_policy_all, cheap rendering) on the job's tasks and seeds, one video per
@@ -428,13 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (data_dir / "meta" / "info.json").exists() or not summary_json.exists():
         shutil.rmtree(data_dir, ignore_errors=True)
         log = out / "record.log"
-        run(
-            [sys.executable, str(HERE / "record_dataset.py"), "--tasks", ",".join(tasks),
-             "--episodes-per-task", str(args.episodes_per_task), "--root", str(data_dir),
-             "--repo-id", repo_id, "--render-size", str(args.render_size),
-             "--seed", str(args.seed), "--summary-json", str(summary_json)],
-            log, Progress("record", log, keep=("frames @", "error:"), bars=("episodes",)),
-        )  # fmt: skip
+        cmd = record_command(args, tasks, args.episodes_per_task, data_dir, repo_id, args.seed)
+        run([*cmd, "--summary-json", str(summary_json)], log,
+            Progress("record", log, keep=("frames @", "error:"), bars=("episodes",)))  # fmt: skip
         summary = json.loads(summary_json.read_text())
         summary_json.write_text(json.dumps({**summary, "render_size": args.render_size}, indent=2))
     else:
@@ -446,13 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  held-out demonstrations ({args.heldout_episodes_per_task} per task, seeds {HELDOUT_SEED}..)"
         )
-        run(
-            [sys.executable, str(HERE / "record_dataset.py"), "--tasks", ",".join(tasks),
-             "--episodes-per-task", str(args.heldout_episodes_per_task), "--root", str(heldout_dir),
-             "--repo-id", HELDOUT_ID, "--render-size", str(args.render_size),
-             "--seed", str(HELDOUT_SEED), "--no-progress"],
-            log, Progress("record", log, keep=("frames @", "error:"), bars=()),
-        )  # fmt: skip
+        cmd = record_command(
+            args, tasks, args.heldout_episodes_per_task, heldout_dir, HELDOUT_ID, HELDOUT_SEED
+        )
+        run([*cmd, "--no-progress"], log, Progress("record", log, keep=("frames @", "error:"), bars=()))
     times["record demonstrations"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
