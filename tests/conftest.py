@@ -11,6 +11,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -68,24 +69,29 @@ def logged_metric(log: str, name: str) -> list[float]:
 
 
 def run_logged(cmd: list[str], env: dict[str, str], log_file: Path, timeout: float = 600) -> str:
-    """Run `cmd`, write its merged stdout/stderr to `log_file`, fail the test (with the tail) on error."""
+    """Run `cmd`, write its merged stdout/stderr to `log_file`, fail the test (with the tail) on error.
+    On a timeout the whole process group is killed (`accelerate launch` leaves its workers behind
+    otherwise, and they would slow every later test) and what it printed so far is kept."""
     start = time.perf_counter()
-    proc = subprocess.run(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    log_file.write_text(proc.stdout)
+    with subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    ) as proc:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            log_file.write_text(out)
+            pytest.fail(
+                f"{' '.join(cmd[:6])} ... timed out after {timeout:.0f}s; log {log_file}:\n{out[-6000:]}"
+            )
+    log_file.write_text(out)
     if proc.returncode != 0:
         pytest.fail(
             f"{' '.join(cmd[:6])} ... exited with {proc.returncode} after "
-            f"{time.perf_counter() - start:.0f}s; log {log_file}:\n{proc.stdout[-6000:]}"
+            f"{time.perf_counter() - start:.0f}s; log {log_file}:\n{out[-6000:]}"
         )
-    return proc.stdout
+    return out
 
 
 @pytest.fixture(scope="session")
