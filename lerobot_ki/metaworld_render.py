@@ -38,8 +38,47 @@ def cheap_rendering(env: Any, size: int, max_steps: int | None = None) -> Any:
     return env
 
 
-def _cheap_env(factory, size: int, max_steps: int | None, adjust: Callable[[Any], Any] | None):
+class FramesOnQuery:
+    """Makes a LeRobot Meta-World env draw its observation frame only every `every`-th observation since
+    reset (0, every, 2 * every, ...) and repeat the last frame in between; physics, state, reward and
+    success are untouched. For a policy that reads observations only when its queue of `every` actions
+    runs empty (n_obs_steps 1, n_action_steps `every`, as LeRobot's ACT and ki_vla do) it sees exactly
+    the frames it would have seen, and evaluation renders `every` times fewer frames. Videos are not
+    affected: `env.render()` still draws."""
+
+    def __init__(self, env: Any, every: int) -> None:
+        self.env, self.every, self.count, self.frame = env, every, 0, None
+        self.format_raw_obs, self.reset = env._format_raw_obs, env.reset
+        env._format_raw_obs = self._format  # instance attributes: the class's methods are unchanged
+        env.reset = self._reset
+
+    def _reset(self, *args: Any, **kwargs: Any):
+        self.count = 0
+        return self.reset(*args, **kwargs)
+
+    def _format(self, raw_obs: Any):
+        inner = self.env._env
+        if self.count % self.every == 0 or self.frame is None:
+            self.frame = inner.render()
+        self.count += 1
+        # LeRobot's formatting reads the frame through the inner env's render(): hand it this one, then
+        # put back what was there (the class's method, or an instance attribute someone else set).
+        previous = inner.__dict__.get("render")
+        inner.render = lambda: self.frame
+        try:
+            return self.format_raw_obs(raw_obs)
+        finally:
+            if previous is None:
+                del inner.render
+            else:
+                inner.render = previous
+
+
+def _cheap_env(factory, size: int, max_steps: int | None, adjust: Callable[[Any], Any] | None,
+               render_every: int = 1):  # fmt: skip
     env = cheap_rendering(factory(), size, max_steps)
+    if render_every > 1:
+        FramesOnQuery(env, render_every)
     if adjust is not None:
         adjust(env)
     return env
@@ -51,10 +90,12 @@ def make_cheap_metaworld_envs(
     size: int,
     max_steps: int | None = None,
     adjust: Callable[[Any], Any] | None = None,
+    render_every: int = 1,
 ) -> dict[str, dict[int, Any]]:
     """LeRobot's `create_metaworld_envs` (same nested {group: {task_id: vec_env}} as `make_env`, so it
-    feeds `lerobot_eval.eval_policy_all`), with every env rendered by `cheap_rendering` and then passed
-    to `adjust` (e.g. the language-following variant), if given."""
+    feeds `lerobot_eval.eval_policy_all`), with every env rendered by `cheap_rendering` (observation
+    frames only every `render_every` steps: `FramesOnQuery`) and then passed to `adjust` (e.g. the
+    language-following variant), if given."""
     import gymnasium as gym
     from lerobot.envs.metaworld import create_metaworld_envs
 
@@ -66,6 +107,8 @@ def make_cheap_metaworld_envs(
     }
 
     def sync_vector_env(factories):
-        return gym.vector.SyncVectorEnv([partial(_cheap_env, f, size, max_steps, adjust) for f in factories])
+        return gym.vector.SyncVectorEnv(
+            [partial(_cheap_env, f, size, max_steps, adjust, render_every) for f in factories]
+        )
 
     return create_metaworld_envs(task=task, n_envs=n_envs, gym_kwargs=gym_kwargs, env_cls=sync_vector_env)

@@ -33,6 +33,16 @@ def load_policy(checkpoint: Path, device: str):
     return policy, pre, post
 
 
+def frames_read_every(config: Any) -> int:
+    """How often (in env steps) the policy reads an observation frame in LeRobot's evaluation loop:
+    `n_action_steps` for a policy that sees one observation (n_obs_steps 1) and queues that many
+    actions (ki_vla, ACT without temporal ensembling), else every step (Diffusion Policy keeps a
+    history of observations; ACT's temporal ensembling predicts at every step)."""
+    if getattr(config, "n_obs_steps", 1) != 1 or getattr(config, "temporal_ensemble_coeff", None) is not None:
+        return 1
+    return max(1, int(getattr(config, "n_action_steps", 1)))
+
+
 class TasksDone:
     """Language-following bookkeeping for one reach/push/pick-place env: which of the three tasks' success
     conditions held at any step of each evaluated episode (`metaworld_language.tasks_satisfied`), so an
@@ -82,10 +92,13 @@ def success_rates(
     hide_goals: bool = False,
     batch: int = 10,
     max_videos: int | None = None,
+    every_frame: bool = False,
 ) -> dict[str, Any]:
     """Per-task and overall success of `n_episodes` episodes per task, seeds start_seed.. (as lerobot-eval
     --seed=start_seed), with per-episode outcomes. With `hide_goals`, reach/push/pick-place run in their
-    language-following variant and each of their episodes also lists the tasks it did."""
+    language-following variant and each of their episodes also lists the tasks it did. Observation frames
+    are drawn only on the steps the policy reads them (`frames_read_every`, `FramesOnQuery`), unless
+    `every_frame`."""
     from lerobot.envs.configs import MetaworldEnv
     from lerobot.envs.factory import make_env_pre_post_processors
     from lerobot.scripts.lerobot_eval import eval_policy_all
@@ -106,9 +119,11 @@ def success_rates(
 
     # All of a task's episodes in one vector env (up to `batch`): the policy runs once per step for all
     # of them, which made evaluation about 3x cheaper here than one env at a time.
+    render_every = 1 if every_frame else frames_read_every(policy.config)
     envs = make_cheap_metaworld_envs(
-        ",".join(tasks), n_envs=min(n_episodes, batch), size=render_size, max_steps=max_steps, adjust=adjust
-    )
+        ",".join(tasks), n_envs=min(n_episodes, batch), size=render_size, max_steps=max_steps, adjust=adjust,
+        render_every=render_every,
+    )  # fmt: skip
     # per task; by default every episode of the first batch
     n_videos = 0 if not videos_dir else min(n_episodes, batch) if max_videos is None else max_videos
     set_seed(start_seed)
@@ -135,7 +150,12 @@ def success_rates(
         successes = [bool(s) for s in entry["metrics"]["successes"]]
         k, n = sum(successes), len(successes)
         task = entry["task_group"]
-        per_task[task] = {"successes": successes, "rate": k / n, "ci95": wilson_interval(k, n)}
+        per_task[task] = {
+            "successes": successes,
+            "rate": k / n,
+            "ci95": wilson_interval(k, n),
+            "sum_rewards": [float(r) for r in entry["metrics"]["sum_rewards"]],
+        }
         if task in trackers:
             for tracker in trackers[task]:
                 tracker.close_episode()
@@ -217,12 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--heldout-root", type=Path, default=None, help="also: chunk MSE on these demonstrations")
     p.add_argument("--heldout-repo-id", default=None)
+    p.add_argument(
+        "--every-frame",
+        action="store_true",
+        help="draw every step's observation frame, also those the policy does not read (slower; same result)",
+    )
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
     result = success_rates(
         args.checkpoint, resolve_tasks(args.tasks), args.episodes, args.render_size,
         start_seed=args.start_seed, device=args.device, videos_dir=args.videos_dir, max_steps=args.max_steps,
-        hide_goals=args.hide_goals, max_videos=args.max_videos,
+        hide_goals=args.hide_goals, max_videos=args.max_videos, every_frame=args.every_frame,
     )  # fmt: skip
     if args.heldout_root is not None:
         result["heldout_chunk_mse"] = heldout_chunk_mse(
