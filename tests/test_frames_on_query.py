@@ -53,7 +53,7 @@ def test_frames_on_query_draws_only_the_frames_the_policy_reads():
     lazy, lazy_renders = _env(EVERY)
     for seed in (1000, 1001):  # a second reset starts the count again
         a, b = _episode(full, 12, seed), _episode(lazy, 12, seed)
-        for i, ((pa, sa, ra), (pb, sb, rb)) in enumerate(zip(a, b, strict=True)):
+        for i, ((_, sa, ra), (pb, sb, rb)) in enumerate(zip(a, b, strict=True)):
             np.testing.assert_array_equal(sa, sb)  # physics and state: every step
             assert ra == rb
             # The frame at a query step is the real one; in between, the last query's frame.
