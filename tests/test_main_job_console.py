@@ -233,3 +233,37 @@ def test_a_dataset_rendered_at_another_size_is_moved_aside_not_deleted(tmp_path,
     )
     moved = next(p for p in out.iterdir() if p.name.startswith("dataset.") and p.is_dir())
     assert (moved / "meta" / "info.json").read_text() == "{}"
+
+
+def test_a_fast_tokenizer_fitted_for_another_vocabulary_is_refitted_not_reused(tmp_path, monkeypatch):
+    """A FAST tokenizer left by an earlier run with FAST's usual 1024 tokens is moved aside (kept) and the
+    fit stage runs again with this run's vocabulary, which training is told too."""
+    out = tmp_path / "job"
+    (out / "dataset" / "meta").mkdir(parents=True)
+    (out / "dataset" / "meta" / "info.json").write_text("{}")
+    (out / "dataset_summary.json").write_text('{"tasks": {}, "render_size": 96}')
+    (out / "heldout" / "meta").mkdir(parents=True)
+    (out / "heldout" / "meta" / "info.json").write_text("{}")
+    (out / "fast_tokenizer").mkdir()
+    (out / "fast_tokenizer" / "tokenizer.json").write_text("{}")
+    (out / "fast_tokenizer" / "fast_config.json").write_text(
+        '{"chunk_size": 20, "configured_vocab_size": 1024}'
+    )
+    calls = []
+
+    def stop(cmd, *a, **k):
+        calls.append(cmd)
+        raise SystemExit("stop")
+
+    monkeypatch.setattr(main_job, "run", stop)
+    with pytest.raises(SystemExit):
+        main_job.main(["--output-dir", str(out)])
+    (fit,) = calls
+    assert fit[0].endswith("lerobot-ki-fit-fast") and f"--vocab_size={main_job.FAST_VOCAB}" in fit
+    moved = [p for p in out.iterdir() if p.name.startswith("fast_tokenizer.")]
+    assert len(moved) == 1 and (moved[0] / "fast_config.json").exists()
+    args = main_job.parse_args([])
+    train = main_job.train_command(args, "r", Path("/d"), Path("/f"), Path("/t"), 20)
+    assert f"--policy.fast_vocab_size={main_job.FAST_VOCAB}" in train
+    # What the moved-aside tokenizer was fitted for, as the job reads it.
+    assert main_job.fast_fit(moved[0]) == (20, 1024)
