@@ -3,7 +3,9 @@
 Success runs LeRobot's own evaluation loop (`lerobot_eval.eval_policy_all`: the same seeding, processors,
 action queue, termination on success and 500-step cap as `lerobot-eval`) over LeRobot's Meta-World env
 built through `create_metaworld_envs`; only the rendering differs (`lerobot_ki/metaworld_render.py`:
-frames at the policy's resolution, no shadows), matching the demonstrations' recording.
+frames at the policy's resolution, no shadows), matching the demonstrations' recording, and only the frames
+the policy reads are drawn (every n_action_steps-th for ki_vla and ACT; `--every-frame` draws them all and
+gives the same episodes).
 """
 
 from __future__ import annotations
