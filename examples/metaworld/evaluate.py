@@ -185,6 +185,22 @@ def heldout_chunk_mse(
     """Mean squared error (in the dataset's action units, padding excluded) between the action chunks the
     policy predicts and the expert's, on `n_frames` frames of held-out demonstrations (the same frames and
     sampling noise for every checkpoint)."""
+    return heldout_chunk_errors(checkpoint, dataset_root, repo_id, 1, n_frames, seed, device)["mse"]
+
+
+def heldout_chunk_errors(
+    checkpoint: Path,
+    dataset_root: Path,
+    repo_id: str,
+    samples: int,
+    n_frames: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """`heldout_chunk_mse` for `samples` sampling seeds (seed, seed + 1, ...) on the same frames: "mse" is
+    the first seed's (what heldout_chunk_mse reports), "mse_per_seed" each one's, "mse_of_mean" the error
+    of the samples' mean chunk and "spread" the samples' variance per action value (0 for a deterministic
+    policy). For a flow policy the gap between the two errors is what sampling adds to the error."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from lerobot.utils.constants import ACTION
 
@@ -202,11 +218,20 @@ def heldout_chunk_mse(
     pad = torch.stack([it["action_is_pad"] for it in items])  # (B, chunk)
     batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k.startswith("observation.")}
     batch["task"] = [it["task"] for it in items]
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        pred = post(policy.predict_action_chunk(pre(batch)))  # (B, chunk, D) in dataset units
-    err = (pred.cpu()[..., : target.shape[-1]] - target) ** 2
-    return float(err[~pad].mean())
+    preds = []
+    for s in range(seed, seed + samples):
+        torch.manual_seed(s)
+        with torch.no_grad():
+            pred = post(policy.predict_action_chunk(pre(batch)))  # (B, chunk, D) in dataset units
+        preds.append(pred.cpu()[..., : target.shape[-1]])
+    stacked = torch.stack(preds)  # (samples, B, chunk, D)
+    per_seed = [float(((p - target) ** 2)[~pad].mean()) for p in stacked]
+    return {
+        "mse": per_seed[0],
+        "mse_per_seed": per_seed,
+        "mse_of_mean": float(((stacked.mean(0) - target) ** 2)[~pad].mean()),
+        "spread": float(stacked.var(0, correction=0)[~pad].mean()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--tasks", required=True, help="comma list of Meta-World tasks or difficulty groups")
-    p.add_argument("--episodes", type=int, required=True, help="per task")
+    p.add_argument("--episodes", type=int, required=True, help="per task (0: only the held-out error)")
     p.add_argument("--render-size", type=int, required=True)
     p.add_argument("--start-seed", type=int, default=1000)
     p.add_argument("--max-steps", type=int, default=None)
@@ -240,23 +265,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout-root", type=Path, default=None, help="also: chunk MSE on these demonstrations")
     p.add_argument("--heldout-repo-id", default=None)
     p.add_argument(
+        "--heldout-samples",
+        type=int,
+        default=1,
+        help="chunks sampled per held-out frame (seeds 0..): >1 also reports the error of their mean and "
+        "their spread",
+    )
+    p.add_argument(
         "--every-frame",
         action="store_true",
         help="draw every step's observation frame, also those the policy does not read (slower; same result)",
     )
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
-    result = success_rates(
-        args.checkpoint, resolve_tasks(args.tasks), args.episodes, args.render_size,
-        start_seed=args.start_seed, device=args.device, videos_dir=args.videos_dir, max_steps=args.max_steps,
-        hide_goals=args.hide_goals, max_videos=args.max_videos, every_frame=args.every_frame,
-    )  # fmt: skip
+    result: dict[str, Any] = {}
+    if args.episodes > 0:
+        result = success_rates(
+            args.checkpoint, resolve_tasks(args.tasks), args.episodes, args.render_size,
+            start_seed=args.start_seed, device=args.device, videos_dir=args.videos_dir,
+            max_steps=args.max_steps, hide_goals=args.hide_goals, max_videos=args.max_videos,
+            every_frame=args.every_frame,
+        )  # fmt: skip
     if args.heldout_root is not None:
-        result["heldout_chunk_mse"] = heldout_chunk_mse(
-            args.checkpoint, args.heldout_root, args.heldout_repo_id, device=args.device
+        errors = heldout_chunk_errors(
+            args.checkpoint, args.heldout_root, args.heldout_repo_id, args.heldout_samples, device=args.device
         )
+        result["heldout_chunk_mse"] = errors["mse"]
+        if args.heldout_samples > 1:
+            result["heldout_chunk_errors"] = errors
+            print(
+                f"held-out chunk MSE: one sample {errors['mse']:.4f}, mean of {args.heldout_samples} samples "
+                f"{errors['mse_of_mean']:.4f}, spread {errors['spread']:.4f}"
+            )
     args.json.write_text(json.dumps(result, indent=1))
-    for task, entry in result["per_task"].items():
+    for task, entry in result.get("per_task", {}).items():
         print(
             f"{task}: {format_successes(sum(entry['successes']), len(entry['successes']))} episodes succeeded"
         )
