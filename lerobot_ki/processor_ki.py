@@ -384,6 +384,15 @@ def make_ki_vla_pre_post_processors(
     else:
         fast = fast_tokenizer
         resolve_fast_budget(config, None)
+    # FAST token t takes LM id offset + sign * t: a tokenizer with more tokens than the layout reserves
+    # would write into the text vocabulary (PaliGemma) or past the embedding (byte), silently or at step 1.
+    if fast is not None and fast.vocab_size > config.fast_vocab_size:
+        raise ValueError(
+            f"The action tokenizer has {fast.vocab_size} tokens but --policy.fast_vocab_size="
+            f"{config.fast_vocab_size} reserves only {config.fast_vocab_size} vocabulary slots for them: "
+            f"pass --policy.fast_vocab_size={fast.vocab_size}, or refit FAST with lerobot-ki-fit-fast "
+            f"--vocab_size={config.fast_vocab_size}."
+        )
     input_steps: list[ProcessorStep] = [
         steps.rename_observations,
         steps.add_batch_dim,

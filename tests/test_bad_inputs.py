@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -121,6 +122,16 @@ def test_chunk_over_fast_budget_errors_or_truncates_with_count(setup, caplog):
         and batch["action.tokens"][0, 2] == policy.model.layout.eos_id
     )
     cfg.max_fast_tokens, cfg.fast_overflow = 40, "error"
+
+
+def test_fast_tokenizer_larger_than_the_reserved_vocabulary_is_refused(setup):
+    policy, _, _, ds = setup
+    cfg = copy.deepcopy(policy.config)
+    cfg.fast_vocab_size = policy.fast_tokenizer.vocab_size - 1
+    with pytest.raises(ValueError, match=rf"has {policy.fast_tokenizer.vocab_size} tokens.*fast_vocab_size="):
+        make_ki_vla_pre_post_processors(cfg, ds.meta.stats, fast_tokenizer=policy.fast_tokenizer)
+    cfg.fast_vocab_size = policy.fast_tokenizer.vocab_size  # exactly enough slots: accepted
+    make_ki_vla_pre_post_processors(cfg, ds.meta.stats, fast_tokenizer=policy.fast_tokenizer)
 
 
 def test_stats_without_quantiles(setup):

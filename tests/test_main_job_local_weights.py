@@ -62,14 +62,15 @@ def test_real_preset_trains_from_local_pi05_weights_and_tokenizer(
     weights = write_pi05_checkpoint(tmp_path / "pi05_base", source, cfg)
     args = main_job.parse_args(
         ["--preset", "real", "--steps", "2", "--batch-size", "2", "--chunk-size", "10", "--n-action-steps",
-         "5", "--num-workers", "0", f"--policy.pretrained_path={weights}",
+         "5", "--num-workers", "0", "--fast-vocab-size", "1024", f"--policy.pretrained_path={weights}",
          f"--policy.text_tokenizer={tokenizer}", *SHRINK]
     )  # fmt: skip
     fast_dir, train_dir, log = tmp_path / "fast_tokenizer", tmp_path / "train", tmp_path / "train.log"
     # The job's FAST stage (lerobot-ki-fit-fast with its flags), in-process: it is not what is tested here.
     fit_from_args(
         fit_fast_args([f"--dataset.repo_id={REPO_ID}", f"--dataset.root={dataset_root}",
-                       f"--chunk_size={args.chunk_size}", "--vocab_size=1024", "--normalization=MIN_MAX",
+                       f"--chunk_size={args.chunk_size}", f"--vocab_size={args.fast_vocab_size}",
+                       "--normalization=MIN_MAX",
                        f"--output_dir={fast_dir}"])
     )  # fmt: skip
     for key in ("HF_HUB_OFFLINE", "HF_HOME", "HF_LEROBOT_HOME", "WANDB_MODE", "TOKENIZERS_PARALLELISM"):
@@ -81,7 +82,7 @@ def test_real_preset_trains_from_local_pi05_weights_and_tokenizer(
     assert f"Weights from {weights}: " in text
     saved = train_dir / "checkpoints" / "last" / "pretrained_model"
     config = json.loads((saved / "config.json").read_text())
-    assert config["text_tokenizer"] == str(tokenizer)
+    assert config["text_tokenizer"] == str(tokenizer) and config["fast_vocab_size"] == 1024
     # The preset's flags that no pass-through flag replaced reached the policy; the replaced ones did not.
     assert config["dtype"] == "bfloat16" and config["gradient_checkpointing"] is True
     assert (config["paligemma_variant"], config["action_expert_variant"]) == ("tiny", "tiny")
