@@ -58,7 +58,7 @@ class FramesOnQuery:
 
     def _format(self, raw_obs: Any):
         inner = self.env._env
-        if self.count % self.every == 0 or self.frame is None:
+        if self.count % self.every == 0:  # count 0 is the reset's observation: always drawn
             self.frame = inner.render()
         self.count += 1
         # LeRobot's formatting reads the frame through the inner env's render(): hand it this one, then

@@ -305,7 +305,7 @@ def training_done(train_dir: Path, steps: int) -> bool:
 
 
 def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
-    from evaluate import heldout_chunk_mse
+    from evaluate import heldout_chunk_errors
 
     run_dir = out / "runs" / arm.name / f"seed{seed}"
     result_file = run_dir / "result.json"
@@ -346,9 +346,9 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
         result["mse_curve"] = [
             {
                 "step": int(c.name),
-                "mse": heldout_chunk_mse(
+                "mse": heldout_chunk_errors(
                     c / "pretrained_model", heldout, f"{REPO_ID}_heldout", device=args.device
-                ),
+                )["mse"],
             }
             for c in ckpts
         ]

@@ -174,32 +174,20 @@ def success_rates(
     return {"per_task": per_task, "rate": k / n, "n": n, "ci95": wilson_interval(k, n)}
 
 
-def heldout_chunk_mse(
-    checkpoint: Path,
-    dataset_root: Path,
-    repo_id: str,
-    n_frames: int = 64,
-    seed: int = 0,
-    device: str = "cpu",
-) -> float:
-    """Mean squared error (in the dataset's action units, padding excluded) between the action chunks the
-    policy predicts and the expert's, on `n_frames` frames of held-out demonstrations (the same frames and
-    sampling noise for every checkpoint)."""
-    return heldout_chunk_errors(checkpoint, dataset_root, repo_id, 1, n_frames, seed, device)["mse"]
-
-
 def heldout_chunk_errors(
     checkpoint: Path,
     dataset_root: Path,
     repo_id: str,
-    samples: int,
+    samples: int = 1,
     n_frames: int = 64,
     seed: int = 0,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """`heldout_chunk_mse` for `samples` sampling seeds (seed, seed + 1, ...) on the same frames: "mse" is
-    the first seed's (what heldout_chunk_mse reports), "mse_per_seed" each one's, "mse_of_mean" the error
-    of the samples' mean chunk and "spread" the samples' variance per action value (0 for a deterministic
+    """Mean squared error (in the dataset's action units, padding excluded) between the action chunks the
+    policy predicts and the expert's, on `n_frames` frames of held-out demonstrations (the same frames and
+    sampling noise for every checkpoint), for `samples` sampling seeds (seed, seed + 1, ...): "mse" is the
+    first seed's (the figure runs report), "mse_per_seed" each one's, "mse_of_mean" the error of the
+    samples' mean chunk and "spread" the samples' variance per action value (0 for a deterministic
     policy). For a flow policy the gap between the two errors is what sampling adds to the error."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from lerobot.utils.constants import ACTION
