@@ -181,7 +181,8 @@ def preset_policy(preset: str, device: str, dtype: str) -> KIPolicy:
     }
     cfg.input_features["observation.state"] = PolicyFeature(FeatureType.STATE, (6,))
     cfg.output_features = {"action": PolicyFeature(FeatureType.ACTION, (6,))}
-    return KIPolicy(cfg).to(device).eval()
+    with torch.device(device):  # built where it runs: no 4B-parameter float32 copy on the host first
+        return KIPolicy(cfg).eval()
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ from lerobot_ki.variants import BACKBONE_VARIANTS, EXPERT_VARIANTS
 PALIGEMMA_TOKENIZER = "google/paligemma-3b-pt-224"
 BYTE_TOKENIZER = "byte"
 EMPTY_CAMERA = "empty_camera_"  # key infix of the blank cameras `empty_cameras` declares
+# torch.compile modes that record no CUDA graphs of their own (ki_vla records the whole call in one).
+EXPERT_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @PreTrainedConfig.register_subclass("ki_vla")
@@ -60,6 +62,10 @@ class KIConfig(PreTrainedConfig):
     # torch.compile the expert's velocity at inference (fuses its many small elementwise kernels); the
     # first call compiles (about a minute at full size).
     compile_expert: bool = False
+    # torch.compile mode for compile_expert. The compiled expert runs inside our own CUDA graph, so the
+    # modes that record CUDA graphs themselves ("reduce-overhead", "max-autotune") are refused at start-up;
+    # "max-autotune-no-cudagraphs" autotunes the GEMMs (first call: minutes).
+    compile_mode: str = "default"
 
     # Flow matching, openpi's conventions: training times drawn from Beta(alpha, beta), scaled and offset;
     # periods of the sinusoidal time embedding.
@@ -181,6 +187,12 @@ class KIConfig(PreTrainedConfig):
             raise ValueError(f"image_resolution must be square for SigLIP, got {self.image_resolution}")
         if self.flow_samples_per_backbone_pass < 1:
             raise ValueError("flow_samples_per_backbone_pass must be >= 1")
+        if self.compile_mode not in EXPERT_COMPILE_MODES:
+            raise ValueError(
+                f"compile_mode={self.compile_mode!r} is not one of {EXPERT_COMPILE_MODES}: the compiled "
+                "expert is replayed inside ki_vla's own CUDA graph, so torch.compile must not record graphs "
+                "itself (use max-autotune-no-cudagraphs instead of max-autotune or reduce-overhead)."
+            )
         if self.max_fast_tokens is not None and self.max_fast_tokens < 2:
             raise ValueError("max_fast_tokens must leave room for at least one FAST token and EOS")
         if self.optimizer_lr is None:

@@ -467,7 +467,8 @@ class KIModel(nn.Module):
         if not self.config.compile_expert:
             return self.velocity
         if self._compiled_velocity is None:
-            self._compiled_velocity = torch.compile(self.velocity, dynamic=False)
+            mode = self.config.compile_mode
+            self._compiled_velocity = torch.compile(self.velocity, dynamic=False, mode=mode)
         return self._compiled_velocity
 
     @torch.no_grad()
