@@ -9,6 +9,12 @@ every measurement. ki_vla is measured once per optimisation step (`--ki-variants
     HF_HUB_OFFLINE=1 python benchmarks/vs_pi05_pi0fast.py --size cpu
     # CPU, ki_vla's tiny preset only (pi05 and pi0_fast do not build at it): issue 17's rows
     HF_HUB_OFFLINE=1 python benchmarks/vs_pi05_pi0fast.py --size tiny --policies ki_vla --ki-variants issue17
+    # GPU: the compiled expert in each --policy.compile_mode, and LeRobot pi05 with its compile_model=true
+    HF_HUB_OFFLINE=1 python benchmarks/vs_pi05_pi0fast.py --size full --no-train --ki-variants compiled \
+        --policies ki_vla,pi05_compiled --cameras 2
+
+Every inference row also records its first call (CUDA-graph capture, torch.compile) as `first_ms` in the JSON.
+`benchmarks/gpu_figures.sh` runs the GPU rows the README quotes in one go.
 
 Issue 17's optimisations (`lerobot_ki.transformer.FastPaths`: step plan, fused projections, batched SigLIP)
 are measured on one ki_vla policy, each on its own and all together against all off ("today"), taking turns

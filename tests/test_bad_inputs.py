@@ -67,6 +67,15 @@ def test_config_rejects_wide_state_and_action():
         cfg.validate_features()
 
 
+@pytest.mark.parametrize("mode", ["max-autotune", "reduce-overhead", "fastest"])
+def test_compile_mode_that_records_its_own_cuda_graphs_is_refused_at_start_up(mode):
+    # Inductor's CUDA graphs inside ki_vla's recorded call would be captured twice; a typo would only
+    # surface at the first compiled call on a GPU.
+    with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
+        tiny_config(compile_expert=True, compile_mode=mode)
+    assert tiny_config(compile_mode="max-autotune-no-cudagraphs").compile_mode == "max-autotune-no-cudagraphs"
+
+
 def test_action_wider_than_max(setup):
     policy, pre, _, ds = setup
     batch = pre(_raw(ds))
