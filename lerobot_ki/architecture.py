@@ -6,7 +6,7 @@ same two towers, LeRobot's `PaliGemmaForConditionalGenerationWithPiGemma` and `P
 size, and reuse by name the four pi05 methods that apply (dtype policy, freezing, image and token
 embedding). The module names stay those of pi05 (`paligemma.model.language_model.layers.N...`,
 `gemma_expert.model...`) so `lerobot/pi05_base` state dicts load key for key. The forward is ours (see
-`transformer.py`): pi05's is not used.
+`transformer.py`, whose `KIDecoderLayer` the decoder layers become): pi05's is not used.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from lerobot.policies.pi_gemma import PaliGemmaForConditionalGenerationWithPiGem
 from torch import nn
 from transformers.models.auto import CONFIG_MAPPING
 
+from lerobot_ki.transformer import adopt_layers
 from lerobot_ki.variants import GemmaSize, SiglipSize
 
 
@@ -101,6 +102,8 @@ class KIPaliGemmaWithExpert(nn.Module):
         self.gemma_expert.lm_head = None
         self.to_bfloat16_for_selected_params(precision)
         self._set_requires_grad()
+        for stack in (self.language_model, self.expert_model):  # one layer class of ours: see its docstring
+            adopt_layers(stack)
 
     def train(self, mode: bool = True) -> KIPaliGemmaWithExpert:
         """Frozen parts stay in eval mode, as in pi05."""

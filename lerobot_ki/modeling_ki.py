@@ -47,8 +47,9 @@ class KIPolicy(PreTrainedPolicy):
 
     config_class = KIConfig
     name = "ki_vla"
-    # Decoder layers of the backbone, the expert and the vision tower: the units FSDP shards.
-    _fsdp_wrap_modules = ["_PiGemmaDecoderLayerBase", "SiglipEncoderLayer"]
+    # Decoder layers of the backbone, the expert and the vision tower: the units FSDP shards (Accelerate's
+    # transformer-based wrap policy reads `_no_split_modules`; tests/test_fsdp.py checks every layer is one).
+    _fsdp_wrap_modules = ["KIDecoderLayer", "SiglipEncoderLayer"]
     _no_split_modules = _fsdp_wrap_modules
 
     def __init__(

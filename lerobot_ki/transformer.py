@@ -294,6 +294,26 @@ def _layer(
     return x, k_all, v_all
 
 
+class KIDecoderLayer(nn.Module):
+    """A decoder layer of either tower as ki_vla runs it: its forward is `_layer`. Never built directly:
+    `adopt_layers` gives this class to the layers LeRobot's towers built (attributes, submodules and
+    state-dict keys unchanged).
+
+    LeRobot's `pi_gemma` makes the decoder-layer class inside a factory, once per tower: both towers' layers
+    are called `_PiGemmaDecoderLayerBase` but are two classes, and their stock forward is one ki_vla never
+    calls. With one class of ours, (1) the stacks call each layer as a module, so a wrapper around it sees
+    every use of its weights: an FSDP unit gathers its shards in the layer's forward, where reaching into
+    its submodules from outside found empty shards; (2) one name in `KIPolicy._no_split_modules` covers
+    both towers, where FSDP's wrap policy, which looks classes up by name, found the backbone's only."""
+
+    forward = _layer
+
+
+def adopt_layers(stack: nn.Module) -> None:
+    for layer in stack.layers:
+        layer.__class__ = KIDecoderLayer
+
+
 def run_stack(
     model: nn.Module,  # PiGemmaModel
     x: Tensor,  # (B, Lq, D) input embeddings
@@ -315,11 +335,9 @@ def run_stack(
         pk, pv = past[i] if past is not None else (None, None)
         layer_cond = (conds[2 * i], conds[2 * i + 1])
         if use_checkpoint and torch.is_grad_enabled():
-            x, k, v = checkpoint(
-                _layer, layer, x, geometry, pk, pv, layer_cond, detach_past, use_reentrant=False
-            )
+            x, k, v = checkpoint(layer, x, geometry, pk, pv, layer_cond, detach_past, use_reentrant=False)
         else:
-            x, k, v = _layer(layer, x, geometry, pk, pv, layer_cond, detach_past)
+            x, k, v = layer(x, geometry, pk, pv, layer_cond, detach_past)
         kvs.append((k, v))
     x, _ = ada_norm(model.norm, x, conds[-1])
     return x, kvs
