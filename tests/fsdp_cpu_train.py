@@ -76,7 +76,7 @@ _update_policy = lerobot_train.update_policy
 
 
 def update_policy(train_metrics, policy, batch, optimizer, grad_clip_norm, accelerator, *args, **kwargs):
-    if "wrapped" not in record:  # the prepared policy, first step: what FSDP made of it
+    if "units" not in record:  # the prepared policy, first step: what FSDP made of it
         units = {n: m for n, m in policy.named_modules() if isinstance(m, FullyShardedDataParallel)}
         record["units"] = {n: type(m.module).__name__ for n, m in units.items()}
         record["local_numel"] = sum(p.numel() for p in policy.parameters())
