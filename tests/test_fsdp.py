@@ -13,25 +13,19 @@ checkpoints are read before). VLM co-training is on in all four, so its stream s
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_logged, venv_script
 from safetensors.torch import load_file
+from test_distributed import free_port
 from test_e2e_lerobot import FAST_STATE, chunk, load_policy, observation
 from vlm_fixtures import colour_records, save_hf_dataset
 
 LAUNCHER = Path(__file__).with_name("fsdp_cpu_train.py")
 FSDP_CONFIG = Path(__file__).parent.parent / "examples" / "accelerate" / "fsdp.yaml"
 STEPS, RESUME_AT = 4, 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(kind: str, args: list[str], dump: Path, env: dict, log: Path) -> tuple[str, list[dict]]:
