@@ -95,12 +95,13 @@ def success_rates(
     batch: int = 10,
     max_videos: int | None = None,
     every_frame: bool = False,
+    loaded: tuple | None = None,
 ) -> dict[str, Any]:
     """Per-task and overall success of `n_episodes` episodes per task, seeds start_seed.. (as lerobot-eval
     --seed=start_seed), with per-episode outcomes. With `hide_goals`, reach/push/pick-place run in their
     language-following variant and each of their episodes also lists the tasks it did. Observation frames
     are drawn only on the steps the policy reads them (`frames_read_every`, `FramesOnQuery`), unless
-    `every_frame`."""
+    `every_frame`. `loaded`: the checkpoint's (policy, preprocessor, postprocessor) if already loaded."""
     from lerobot.envs.configs import MetaworldEnv
     from lerobot.envs.factory import make_env_pre_post_processors
     from lerobot.scripts.lerobot_eval import eval_policy_all
@@ -108,7 +109,7 @@ def success_rates(
 
     from lerobot_ki.metaworld_render import make_cheap_metaworld_envs
 
-    policy, pre, post = load_policy(checkpoint, device)
+    policy, pre, post = loaded or load_policy(checkpoint, device)
     env_cfg = MetaworldEnv(task=",".join(tasks))
     env_pre, env_post = make_env_pre_post_processors(env_cfg=env_cfg, policy_cfg=policy.config)
     from lerobot_ki.metaworld_language import LANGUAGE_TASKS
@@ -182,6 +183,7 @@ def heldout_chunk_errors(
     n_frames: int = 64,
     seed: int = 0,
     device: str = "cpu",
+    loaded: tuple | None = None,
 ) -> dict[str, Any]:
     """Mean squared error (in the dataset's action units, padding excluded) between the action chunks the
     policy predicts and the expert's, on `n_frames` frames of held-out demonstrations (the same frames and
@@ -194,7 +196,8 @@ def heldout_chunk_errors(
 
     # Without FFmpeg libraries torchcodec logs a long traceback before LeRobot falls back to PyAV.
     logging.getLogger("lerobot.utils.import_utils").setLevel(logging.ERROR)
-    policy, pre, post = load_policy(checkpoint, device)
+    policy, pre, post = loaded or load_policy(checkpoint, device)
+    policy.reset()  # nothing queued from an evaluation that ran before on the same policy
     chunk = policy.config.chunk_size
     meta_fps = LeRobotDataset(repo_id, root=dataset_root).fps
     ds = LeRobotDataset(
@@ -267,16 +270,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
     result: dict[str, Any] = {}
+    loaded = load_policy(args.checkpoint, args.device)  # once, for both measures
     if args.episodes > 0:
         result = success_rates(
             args.checkpoint, resolve_tasks(args.tasks), args.episodes, args.render_size,
             start_seed=args.start_seed, device=args.device, videos_dir=args.videos_dir,
             max_steps=args.max_steps, hide_goals=args.hide_goals, max_videos=args.max_videos,
-            every_frame=args.every_frame,
+            every_frame=args.every_frame, loaded=loaded,
         )  # fmt: skip
     if args.heldout_root is not None:
         errors = heldout_chunk_errors(
-            args.checkpoint, args.heldout_root, args.heldout_repo_id, args.heldout_samples, device=args.device
+            args.checkpoint,
+            args.heldout_root,
+            args.heldout_repo_id,
+            args.heldout_samples,
+            device=args.device,
+            loaded=loaded,
         )
         result["heldout_chunk_mse"] = errors["mse"]
         if args.heldout_samples > 1:
