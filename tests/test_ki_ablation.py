@@ -174,6 +174,16 @@ def test_rerun_skips_finished_runs(experiment, capsys):
     assert "done already" in capsys.readouterr().out
 
 
+def test_another_fast_vocabulary_in_the_same_output_dir_is_refused_before_any_work(experiment):
+    """Runs fine-tuned against one FAST tokenizer must not be continued (or reported) as another's."""
+    out, argv = experiment
+    fitted = out / "fast_tokenizer" / "tokenizer.json"
+    stamp = fitted.stat().st_mtime_ns
+    with pytest.raises(SystemExit, match="FAST vocabulary of 1024, not --fast-vocab 256"):
+        ablation.main([*argv, "--fast-vocab", "256"])
+    assert fitted.stat().st_mtime_ns == stamp
+
+
 def test_a_run_killed_after_an_intermediate_checkpoint_is_not_done(tmp_path):
     ckpts = tmp_path / "train" / "checkpoints"
     (ckpts / "000150" / "pretrained_model").mkdir(parents=True)

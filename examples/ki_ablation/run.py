@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="evenly spaced checkpoints for curves (default: %(default)s)",
     )
     a("--batch-size", type=int, default=16, help="default: %(default)s")
+    a(
+        "--fast-vocab",
+        type=int,
+        default=1024,
+        help="FAST BPE vocabulary fitted on the demonstrations (one per --output-dir; default: %(default)s)",
+    )
     a("--chunk-size", type=int, default=20, help="default: %(default)s")
     a("--n-action-steps", type=int, default=5, help="default: %(default)s")
     a("--eval-episodes", type=int, default=5, help="success episodes per task (default: %(default)s)")
@@ -179,7 +185,7 @@ def prepare_data(args: argparse.Namespace, out: Path) -> None:
                 f"--dataset.repo_id={REPO_ID}_train",
                 f"--dataset.root={out / 'data' / 'train'}",
                 f"--chunk_size={args.chunk_size}",
-                "--vocab_size=1024",
+                f"--vocab_size={args.fast_vocab}",
                 "--normalization=MIN_MAX",
                 f"--output_dir={fast_dir}",
             ],
@@ -413,6 +419,15 @@ def main(argv: list[str] | None = None) -> int:
                 "lerobot-ki-make-vlm-corpus "
                 f"--output_dir {args.corpus}) or point --corpus at it."
             )
+        fitted = out / "fast_tokenizer" / "fast_config.json"
+        if fitted.exists():
+            vocab = json.loads(fitted.read_text()).get("configured_vocab_size")
+            if vocab != args.fast_vocab:
+                sys.exit(
+                    f"{out} holds runs with a FAST vocabulary of {vocab}, not --fast-vocab "
+                    f"{args.fast_vocab}: pass --fast-vocab {vocab} to continue them, or another --output-dir "
+                    "for a new experiment."
+                )
         out.mkdir(parents=True, exist_ok=True)
         prepare_data(args, out)
         if any(a.is_ki_vla for a in arms):
