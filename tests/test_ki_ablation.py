@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "ki_ablation"))
 
 import run as ablation  # noqa: E402
+from drift import linear_cka  # noqa: E402
 
 from lerobot_ki.cli import make_vlm_corpus  # noqa: E402
 from lerobot_ki.stats import wilson_interval  # noqa: E402
@@ -150,6 +152,10 @@ def test_every_run_has_every_measure(experiment):
     # The frozen backbone does not move at all; KI's backbone learns from the FAST CE.
     assert runs["frozen"][0]["backbone_shift"] == 0.0
     assert runs["ki"][0]["backbone_shift"] > 0.0
+    # ... so the frozen backbone computes the pretrained features exactly (CKA 1), and KI's do not.
+    frozen, ki = runs["frozen"][0]["drift"], runs["ki"][0]["drift"]
+    assert abs(frozen["hidden"]) < 1e-9 and all(abs(d) < 1e-9 for d in frozen["kv_per_layer"])
+    assert ki["hidden"] > 1e-6 and ki["kv"] > 1e-6 and len(ki["kv_per_layer"]) == 4  # tiny: 4 layers
     # ... and the frozen arm's VQA answers are the pretrained VLM's, exactly.
     before = json.loads((out / "vqa_pretrained.json").read_text())["scores"]
     after = json.loads((out / "runs" / "frozen" / "seed0" / "vqa.json").read_text())["scores"]
@@ -163,6 +169,15 @@ def test_every_run_has_every_measure(experiment):
         for d in (out / "runs" / "ki" / "seed0" / "train" / "checkpoints").iterdir()
         if d.name.isdigit()
     ] == ["000004"]
+
+
+def test_linear_cka_sees_through_rotation_and_scale_only():
+    g = np.random.default_rng(0)
+    x = torch.from_numpy(g.standard_normal((200, 16)))
+    q, _ = torch.linalg.qr(torch.from_numpy(g.standard_normal((16, 16))))
+    assert linear_cka(x, 3.0 * x @ q) == pytest.approx(1.0, abs=1e-12)  # same features, other basis
+    assert linear_cka(x, x[:, :8]) < 0.9  # half the features gone
+    assert linear_cka(x, torch.from_numpy(g.standard_normal((200, 16)))) < 0.2  # unrelated
 
 
 def test_rerun_skips_finished_runs(experiment, capsys):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from arms import ARMS
+from drift import FILE as DRIFT_FILE
 
 from lerobot_ki.metaworld_language import LANGUAGE_TASKS
 from lerobot_ki.stats import wilson_interval
@@ -40,7 +41,11 @@ def collect(out: Path, arms: list[str], seeds: list[int]) -> dict[str, list[dict
         for seed in seeds:
             f = out / "runs" / arm / f"seed{seed}" / "result.json"
             if f.exists():
-                runs.setdefault(arm, []).append(json.loads(f.read_text()))
+                run = json.loads(f.read_text())
+                drift = f.with_name(DRIFT_FILE)  # drift.py's, when measured
+                if drift.exists():
+                    run["drift"] = json.loads(drift.read_text())
+                runs.setdefault(arm, []).append(run)
     return runs
 
 
@@ -56,23 +61,31 @@ def _rate(r: dict, tasks, key: str = "successes") -> float | None:
 def main_table(runs: dict[str, list[dict]], before: dict[str, float] | None) -> str:
     lines = [
         "| arm | seeds | success, all tasks | (pooled episodes, 95% CI) | VQA held-out scenes "
-        "| VQA held-out tasks | backbone shift | held-out chunk MSE |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| VQA held-out tasks | backbone shift | drift, hidden / expert's K/V (1 - CKA) "
+        "| held-out chunk MSE |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if before:
         lines.append(
             f"| *pretrained VLM, before fine-tuning* | | | | {before['heldout_scenes']:.1%} "
-            f"| {before['heldout_tasks']:.1%} | 0 | |"
+            f"| {before['heldout_tasks']:.1%} | 0 | 0 / 0 | |"
         )
     for arm, rs in runs.items():
         vqa = [r["vqa"] for r in rs if r.get("vqa")]
         shift = [r["backbone_shift"] for r in rs if r.get("backbone_shift") is not None]
         mse = [r["mse_curve"][-1]["mse"] for r in rs if r.get("mse_curve")]
+        drift = [r["drift"] for r in rs if r.get("drift")]
+        drift_cell = (
+            f"{_fmt([d['hidden'] for d in drift], pct=False, digits=3)} / "
+            f"{_fmt([d['kv'] for d in drift], pct=False, digits=3)}"
+            if drift
+            else "-"
+        )
         everything = [s for r in rs for s in _episodes(r, r["success"]["per_task"])]
         lines.append(
             f"| {arm} | {len(rs)} | {_fmt([r['success']['rate'] for r in rs])} | {_pooled(everything)} "
             f"| {_fmt([v['heldout_scenes'] for v in vqa])} | {_fmt([v['heldout_tasks'] for v in vqa])} "
-            f"| {_fmt(shift, pct=False, digits=3)} | {_fmt(mse, pct=False, digits=4)} |"
+            f"| {_fmt(shift, pct=False, digits=3)} | {drift_cell} | {_fmt(mse, pct=False, digits=4)} |"
         )
     return "\n".join(lines)
 

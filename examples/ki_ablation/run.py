@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO / "examples" / "metaworld"))
 
 from arms import ARMS, Arm, parse_arms  # noqa: E402
 from baselines import reference_policy_flags  # noqa: E402
+from drift import write_drift  # noqa: E402
 from main_job import (  # noqa: E402
     NORMALIZATION,
     PRESETS,
@@ -360,6 +361,8 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
         ]
         result["vqa"] = vqa_accuracy(final, args, run_dir / "vqa.json")
         result["backbone_shift"] = backbone_shift(final, args.vlm) if arm.pretrained_backbone else None
+        if arm.pretrained_backbone:  # runs/<arm>/seed<k>/drift.json, which the report reads
+            write_drift(run_dir, final, args.vlm, out, REPO_ID, args.device)
     success_json = run_dir / "success.json"
     if not success_json.exists():
         cmd = [

@@ -175,6 +175,30 @@ def success_rates(
     return {"per_task": per_task, "rate": k / n, "n": n, "ci95": wilson_interval(k, n)}
 
 
+def heldout_frames(
+    dataset_root: Path, repo_id: str, chunk: int, n_frames: int = 64, seed: int = 0
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """`n_frames` frames of held-out demonstrations drawn with `seed` (the same frames for every checkpoint):
+    the observation batch (as LeRobot's dataloader gives it, with "task"), the expert's next `chunk` actions
+    (B, chunk, D) and their padding mask (B, chunk)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.utils.constants import ACTION
+
+    # Without FFmpeg libraries torchcodec logs a long traceback before LeRobot falls back to PyAV.
+    logging.getLogger("lerobot.utils.import_utils").setLevel(logging.ERROR)
+    meta_fps = LeRobotDataset(repo_id, root=dataset_root).fps
+    ds = LeRobotDataset(
+        repo_id, root=dataset_root, delta_timestamps={ACTION: [i / meta_fps for i in range(chunk)]}
+    )
+    idx = np.random.default_rng(seed).choice(len(ds), size=min(n_frames, len(ds)), replace=False)
+    items = [ds[int(i)] for i in sorted(idx)]
+    target = torch.stack([it[ACTION] for it in items])  # (B, chunk, D)
+    pad = torch.stack([it["action_is_pad"] for it in items])  # (B, chunk)
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k.startswith("observation.")}
+    batch["task"] = [it["task"] for it in items]
+    return batch, target, pad
+
+
 def heldout_chunk_errors(
     checkpoint: Path,
     dataset_root: Path,
@@ -191,24 +215,9 @@ def heldout_chunk_errors(
     first seed's (the figure runs report), "mse_per_seed" each one's, "mse_of_mean" the error of the
     samples' mean chunk and "spread" the samples' variance per action value (0 for a deterministic
     policy). For a flow policy the gap between the two errors is what sampling adds to the error."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
-    from lerobot.utils.constants import ACTION
-
-    # Without FFmpeg libraries torchcodec logs a long traceback before LeRobot falls back to PyAV.
-    logging.getLogger("lerobot.utils.import_utils").setLevel(logging.ERROR)
     policy, pre, post = loaded or load_policy(checkpoint, device)
     policy.reset()  # nothing queued from an evaluation that ran before on the same policy
-    chunk = policy.config.chunk_size
-    meta_fps = LeRobotDataset(repo_id, root=dataset_root).fps
-    ds = LeRobotDataset(
-        repo_id, root=dataset_root, delta_timestamps={ACTION: [i / meta_fps for i in range(chunk)]}
-    )
-    idx = np.random.default_rng(seed).choice(len(ds), size=min(n_frames, len(ds)), replace=False)
-    items = [ds[int(i)] for i in sorted(idx)]
-    target = torch.stack([it[ACTION] for it in items])  # (B, chunk, D)
-    pad = torch.stack([it["action_is_pad"] for it in items])  # (B, chunk)
-    batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k.startswith("observation.")}
-    batch["task"] = [it["task"] for it in items]
+    batch, target, pad = heldout_frames(dataset_root, repo_id, policy.config.chunk_size, n_frames, seed)
     preds = []
     for s in range(seed, seed + samples):
         torch.manual_seed(s)
