@@ -125,7 +125,8 @@ def plots(runs: dict[str, list[dict]], before: dict[str, float] | None, out: Pat
 
     ki = [a for a in runs if ARMS[a].is_ki_vla and any(r.get("vqa") for r in runs[a])]
     if ki:
-        fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+        drifted = [a for a in ki if any(r.get("drift") for r in runs[a])]
+        fig, ax = plt.subplots(1, 3 if drifted else 2, figsize=(16.5 if drifted else 11, 3.8))
         for i, split in enumerate(("heldout_scenes", "heldout_tasks")):
             for j, arm in enumerate(ki):
                 vals = [r["vqa"][split] for r in runs[arm] if r.get("vqa")]
@@ -137,6 +138,19 @@ def plots(runs: dict[str, list[dict]], before: dict[str, float] | None, out: Pat
             ax[i].set_xticks(range(len(ki)), ki, rotation=30, ha="right")
             ax[i].set_ylabel("VQA accuracy")
             ax[i].set_title(split.replace("_", " "))
+        series = (("hidden", "last hidden states"), ("kv", "K/V the expert reads"))
+        for j, arm in enumerate(drifted):  # what the backbone computes on robot frames, vs the pretrained VLM
+            for k, (key, label) in enumerate(series):
+                vals = [r["drift"][key] for r in runs[arm] if r.get("drift")]
+                x = j + (k - 0.5) * 0.4
+                ax[2].bar(x, statistics.fmean(vals), width=0.4, color=("tab:purple", "tab:orange")[k],
+                          label=label if j == 0 else None)  # fmt: skip
+                ax[2].scatter([x] * len(vals), vals, color="k", s=10, zorder=3)
+        if drifted:
+            ax[2].set_xticks(range(len(drifted)), drifted, rotation=30, ha="right")
+            ax[2].set_ylabel("1 - linear CKA")
+            ax[2].set_title("representation drift on held-out robot frames")
+            ax[2].legend(loc="upper left", fontsize=8)
         fig.suptitle("Knowledge retained after robot fine-tuning (bars: mean; dots: seeds)")
         fig.tight_layout()
         fig.savefig(out / "retention.png", dpi=110)
