@@ -54,24 +54,32 @@ def prefix_features(policy, pre, batch: dict) -> tuple[Tensor, list[Tensor]]:
     return hidden[pad], per_layer
 
 
+def pretrained_backbone_state(vlm: Path, policy) -> dict[str, Tensor]:
+    """The pretrained VLM's weights under `policy`'s ki_vla names (the importer lerobot-train used): the
+    backbone before fine-tuning, for `backbone_shift` (run.py) and the drift below."""
+    from safetensors.torch import load_file
+
+    from lerobot_ki.weights import paligemma_to_ki_state_dict
+
+    hf = {}
+    for f in sorted(vlm.glob("*.safetensors")):
+        hf.update(load_file(f))
+    start, _ = paligemma_to_ki_state_dict(hf, policy, policy.config)
+    return start
+
+
 def representation_drift(
     checkpoint: Path, vlm: Path, heldout_root: Path, repo_id: str, device: str = "cpu"
 ) -> dict[str, float]:
     """1 - linear CKA between the pretrained VLM's and the fine-tuned backbone's features on the held-out
     frames that the chunk error uses (`evaluate.heldout_frames`): {"hidden", "kv", "kv_per_layer"}."""
     from evaluate import heldout_frames, load_policy
-    from safetensors.torch import load_file
-
-    from lerobot_ki.weights import paligemma_to_ki_state_dict
 
     policy, pre, _ = load_policy(checkpoint, device)
     batch, _, _ = heldout_frames(heldout_root, repo_id, policy.config.chunk_size)
     tuned_hidden, tuned_kv = prefix_features(policy, pre, batch)
-    hf = {}
-    for f in sorted(vlm.glob("*.safetensors")):
-        hf.update(load_file(f))
-    start, _ = paligemma_to_ki_state_dict(hf, policy, policy.config)
-    policy.load_state_dict(start, strict=False)  # the backbone as before fine-tuning; the expert is unused
+    # The backbone as before fine-tuning; the expert is unused.
+    policy.load_state_dict(pretrained_backbone_state(vlm, policy), strict=False)
     base_hidden, base_kv = prefix_features(policy, pre, batch)
     kv = [1.0 - linear_cka(a, b) for a, b in zip(base_kv, tuned_kv, strict=True)]
     hidden = 1.0 - linear_cka(base_hidden, tuned_hidden)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "examples" / "metaworld"))
 
 from arms import ARMS, Arm, parse_arms  # noqa: E402
 from baselines import reference_policy_flags  # noqa: E402
-from drift import write_drift  # noqa: E402
+from drift import pretrained_backbone_state, write_drift  # noqa: E402
 from main_job import (  # noqa: E402
     NORMALIZATION,
     PRESETS,
@@ -283,16 +283,10 @@ def backbone_shift(checkpoint: Path, vlm: Path) -> float:
     """||theta - theta_0|| / ||theta_0|| over the backbone's vision tower and language-model layers (token
     embeddings and LM head excluded: their FAST rows start random): how far fine-tuning moved the VLM.
     theta_0 is the pretrained VLM mapped onto ki_vla's names by the importer lerobot-train used."""
-    from safetensors.torch import load_file
-
     from lerobot_ki.modeling_ki import KIPolicy
-    from lerobot_ki.weights import paligemma_to_ki_state_dict
 
     trained = KIPolicy.from_pretrained(checkpoint)
-    hf = {}
-    for f in sorted(vlm.glob("*.safetensors")):
-        hf.update(load_file(f))
-    start, _ = paligemma_to_ki_state_dict(hf, trained, trained.config)
+    start = pretrained_backbone_state(vlm, trained)
     now = trained.state_dict()
     num = den = 0.0
     for name, p0 in start.items():
