@@ -12,7 +12,9 @@ markdown tables.
 2. Without one (any device): times one chunk of a freshly built preset (random weights, byte tokenizer;
    the real preset is PaliGemma 3B + the 300M expert at 224 px, 50-step chunks; `cpu` is
    benchmarks/vs_pi05_pi0fast.py's CPU size: the real widths, one layer per tower, MLPs 1/8 wide, 224 px),
-   plain, training-time RTC and RTC-guided (and guided as it ran before the expert left autograd).
+   plain, training-time RTC and RTC-guided (and guided as it ran before the expert left autograd; on CUDA
+   also guided with no CUDA graphs, as it ran before its prefill and expert step were recorded, and the
+   largest difference between the graphed and the eager guided chunk from the same noise).
 
     python benchmarks/rollout_timing.py --preset real --device cuda --dtype bfloat16
     OMP_NUM_THREADS=1 python benchmarks/rollout_timing.py --size cpu --repeats 30
@@ -99,9 +101,12 @@ def fake_batch(policy: KIPolicy, device: str) -> dict:
 
 def chunk_latency_ms(policy: KIPolicy, device: str, repeats: int) -> dict[str, float]:
     """Median ms of one chunk: sync, training-time RTC (committed prefix inpainted), RTC-guided (what
-    the RTC engine calls each re-plan) and RTC-guided with the expert under autograd (how guidance ran
-    before `vla_model.guidance_differentiates_velocity`; the same chunk). The calls take turns, `repeats`
-    rounds after two warm-up rounds, so load from other jobs on a shared machine falls on all alike."""
+    the RTC engine calls each re-plan), RTC-guided with the expert under autograd (how guidance ran
+    before `vla_model.guidance_differentiates_velocity`; the same chunk) and, on CUDA, RTC-guided without
+    CUDA graphs (`cuda_graphs=false`: how it ran before `GraphedSampler.guided`). The calls take turns,
+    `repeats` rounds after two warm-up rounds, so load from other jobs on a shared machine falls on all
+    alike. On CUDA, `guided_graph_max_diff` is the largest difference between the graphed and the eager
+    guided chunk from the same noise."""
     from lerobot.policies.rtc.configuration_rtc import RTCConfig
 
     batch = fake_batch(policy, device)
@@ -120,10 +125,10 @@ def chunk_latency_ms(policy: KIPolicy, device: str, repeats: int) -> dict[str, f
         policy.init_rtc_processor()
         policy.predict_action_chunk(batch, **rtc_call)
 
-    def guided() -> None:
+    def guided() -> torch.Tensor:
         cfg.rtc_config, cfg.rtc_training_max_delay = RTCConfig(execution_horizon=cfg.chunk_size), 0
         policy.init_rtc_processor()
-        policy.predict_action_chunk(batch, **rtc_call)
+        return policy.predict_action_chunk(batch, **rtc_call)
 
     def guided_autograd() -> None:
         probe = vla_model.guidance_differentiates_velocity
@@ -133,7 +138,17 @@ def chunk_latency_ms(policy: KIPolicy, device: str, repeats: int) -> dict[str, f
         finally:
             vla_model.guidance_differentiates_velocity = probe
 
+    def guided_eager() -> torch.Tensor:
+        cfg.cuda_graphs = False
+        try:
+            return guided()
+        finally:
+            cfg.cuda_graphs = True
+
     calls = {"sync": sync, "trained": trained, "guided": guided, "guided_autograd": guided_autograd}
+    cuda = device.startswith("cuda") and cfg.cuda_graphs
+    if cuda:
+        calls["guided_eager"] = guided_eager
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats + 2):
         for name, call in calls.items():
@@ -144,12 +159,20 @@ def chunk_latency_ms(policy: KIPolicy, device: str, repeats: int) -> dict[str, f
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
+    diff = None
+    if cuda:  # the graphed guided chunk against the eager one, from the same noise
+        chunks = []
+        for call in (guided, guided_eager):
+            torch.manual_seed(7)
+            chunks.append(call().float())
+        diff = float((chunks[0] - chunks[1]).abs().max())
     cfg.rtc_config, cfg.rtc_training_max_delay = None, max_delay
     policy.init_rtc_processor()
     ms = {name: 1000 * statistics.median(t[2:]) for name, t in times.items()}  # two warm-ups
+    ms["guided_graph_max_diff"] = diff
     # Per round, each call over the sync call of the same round, then the median: load that drifts over the
     # run (other jobs on a shared machine) cancels within a round, where it skews the medians' ratio.
-    for name in ("trained", "guided", "guided_autograd"):
+    for name in ("trained", "guided", "guided_autograd", *(["guided_eager"] if cuda else [])):
         rounds = zip(times[name][2:], times["sync"][2:], strict=True)
         ms[f"{name}_paired"] = statistics.median(t / s for t, s in rounds)
     return ms
@@ -228,6 +251,12 @@ def main() -> None:
         f"median of the per-round ratios to sync: training-time RTC {ms['trained_paired']:.3f}, "
         f"RTC-guided {ms['guided_paired']:.3f}, guided under autograd {ms['guided_autograd_paired']:.3f}"
     )
+    if "guided_eager" in ms:
+        print(
+            f"RTC-guided without CUDA graphs (cuda_graphs=false): {ms['guided_eager']:.1f} ms, "
+            f"{ms['guided_eager'] / ms['sync']:.3f} x sync (paired {ms['guided_eager_paired']:.3f}); "
+            f"graphed vs eager guided chunk, same noise: max abs difference {ms['guided_graph_max_diff']:.3g}"
+        )
     if not args.policy_path:
         return
 

@@ -17,6 +17,7 @@ from lerobot.utils.constants import ACTION, ACTION_TOKEN_MASK, ACTION_TOKENS
 from safetensors import SafetensorError
 from torch import Tensor
 
+from lerobot_ki import vla_model
 from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.cuda_graphs import GraphedSampler
 from lerobot_ki.fast import FASTDecodeError
@@ -238,7 +239,7 @@ class KIPolicy(PreTrainedPolicy):
 
     def rtc_guided(self) -> bool:
         """RTC guidance or its debug tracking is on: sampling goes through LeRobot's `euler_integrate`
-        (an autograd call and host->device copies per step), which a CUDA graph cannot record."""
+        (an autograd call and host->device copies per step), which a CUDA graph cannot record whole."""
         rtc = self.rtc_processor
         return self._rtc_enabled() or (rtc is not None and rtc.is_debug_enabled())
 
@@ -329,14 +330,18 @@ class KIPolicy(PreTrainedPolicy):
         # A checkpoint trained with training-time RTC continues the committed actions itself: it is never
         # guided (no autograd), and samples on the sync path (the CUDA graph on CUDA) with them inpainted.
         trained_rtc = self.config.rtc_training_max_delay > 0
+        graphed = self.config.cuda_graphs and noise.is_cuda
+        if graphed and self._graphed is None:
+            self._graphed = GraphedSampler(self.model, num_steps)
         if not trained_rtc and self.rtc_guided():
-            return self.model.sample_actions(
-                inputs, noise, num_steps, self.rtc_processor, self._rtc_enabled(), **rtc_kwargs
-            )
+            rtc, enabled = self.rtc_processor, self._rtc_enabled()
+            # LeRobot's guided loop stays eager; its prefill and expert steps replay as CUDA graphs, unless
+            # the guidance differentiates through the expert (a graph replay has no autograd).
+            if graphed and not vla_model.guidance_differentiates_velocity():
+                return self._graphed.guided(inputs, noise, rtc, enabled, **rtc_kwargs)
+            return self.model.sample_actions(inputs, noise, num_steps, rtc, enabled, **rtc_kwargs)
         committed, delay = self._committed_prefix(noise, **rtc_kwargs) if trained_rtc else (None, None)
-        if self.config.cuda_graphs and noise.is_cuda:
-            if self._graphed is None:
-                self._graphed = GraphedSampler(self.model, num_steps)
+        if graphed:
             return self._graphed(inputs, noise, committed, delay)
         return self.model.sample_actions(inputs, noise, num_steps, committed=committed, delay=delay)
 

@@ -429,9 +429,8 @@ class KIModel(nn.Module):
 
         Training-time RTC: `committed` (B, T, A) holds the committed actions at its first `delay` (B,)
         positions (the rest is ignored); those positions are inpainted at every step (see `euler_steps`)."""
-        prefix_embs, prefix_pad = self.embed_prefix(inputs)
-        _, prefix_kv = self.prefill(prefix_embs, prefix_pad)
-        expert = self._inference_velocity()
+        prefix_kv, prefix_pad = self.prefix_cache(inputs)
+        expert = self.inference_velocity()
         planned = rtc_processor is None and active_fast_paths().step_plan
         plan: StepPlan | None = None
         steps: Iterator[int] = iter(range(num_steps))
@@ -446,24 +445,18 @@ class KIModel(nn.Module):
             mods = plan.modulations[next(steps)]
             return expert(prefix_kv, prefix_pad, x_t, time, committed, plan.geometry, mods)
 
-        if rtc_processor is not None:  # LeRobot's loop owns the RTC guidance and its debug tracking
-            if not guidance_differentiates_velocity():
-                # LeRobot's vector-Jacobian product never reaches the velocity (see the function): the
-                # expert's autograd graph would be recorded and thrown away, so run it without one.
-                velocity = torch.no_grad()(velocity)
-            return euler_integrate(
-                velocity,
-                noise,
-                num_steps,
-                rtc_processor=rtc_processor,
-                rtc_enabled=rtc_enabled,
-                inference_delay=rtc_kwargs.get("inference_delay"),
-                prev_chunk_left_over=rtc_kwargs.get("prev_chunk_left_over"),
-                execution_horizon=rtc_kwargs.get("execution_horizon"),
-            )
+        if rtc_processor is not None:
+            return integrate_guided(velocity, noise, num_steps, rtc_processor, rtc_enabled, **rtc_kwargs)
         return euler_steps(velocity, noise, num_steps, committed, delay)
 
-    def _inference_velocity(self) -> Callable[..., Tensor]:
+    def prefix_cache(self, inputs: ModelInputs) -> tuple[list[KV], Tensor]:
+        """What the expert reads at every Euler step: the backbone's prefix K/V and validity mask (B, Lp)."""
+        prefix_embs, prefix_pad = self.embed_prefix(inputs)
+        _, prefix_kv = self.prefill(prefix_embs, prefix_pad)
+        return prefix_kv, prefix_pad
+
+    def inference_velocity(self) -> Callable[..., Tensor]:
+        """`velocity`, or its torch.compile'd version with `compile_expert` (compiled once, kept)."""
         if not self.config.compile_expert:
             return self.velocity
         if self._compiled_velocity is None:
@@ -512,6 +505,31 @@ class KIModel(nn.Module):
             )
             cache_pad = torch.cat([cache_pad, step_pad], dim=1)
         return torch.stack(out, dim=1)
+
+
+def integrate_guided(
+    velocity: Callable[[Tensor, Tensor], Tensor],  # (x_t (B, T, A), time (B,)) -> (B, T, A)
+    noise: Tensor,  # (B, T, A)
+    num_steps: int,
+    rtc_processor: RTCProcessor,
+    rtc_enabled: bool,
+    **rtc_kwargs,
+) -> Tensor:
+    """LeRobot's Euler loop, which owns the RTC guidance and its debug tracking, over `velocity`."""
+    if not guidance_differentiates_velocity():
+        # LeRobot's vector-Jacobian product never reaches the velocity (see the function): the expert's
+        # autograd graph would be recorded and thrown away, so run it without one.
+        velocity = torch.no_grad()(velocity)
+    return euler_integrate(
+        velocity,
+        noise,
+        num_steps,
+        rtc_processor=rtc_processor,
+        rtc_enabled=rtc_enabled,
+        inference_delay=rtc_kwargs.get("inference_delay"),
+        prev_chunk_left_over=rtc_kwargs.get("prev_chunk_left_over"),
+        execution_horizon=rtc_kwargs.get("execution_horizon"),
+    )
 
 
 @functools.cache

@@ -16,8 +16,8 @@ from lerobot_ki.model_inputs import ModelInputs
 from lerobot_ki.modeling_ki import KIPolicy
 
 
-def _inputs(bsz: int, prompt_len: int) -> ModelInputs:
-    g = torch.Generator().manual_seed(bsz * 100 + prompt_len)
+def _inputs(bsz: int, prompt_len: int, seed: int = 0) -> ModelInputs:
+    g = torch.Generator().manual_seed(bsz * 100 + prompt_len + 1000 * seed)
     images = [torch.rand(bsz, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2)]
     masks = [torch.ones(bsz, dtype=torch.bool), torch.tensor([True] * (bsz - 1) + [False])]
     ids = torch.randint(4, 260, (bsz, prompt_len), generator=g)
@@ -80,3 +80,63 @@ def test_a_committed_prefix_is_one_more_recording_and_its_delay_a_graph_input(mo
     assert torch.equal(first[0, :2], committed[0, :2]) and torch.equal(first[1, :3], committed[1, :3])
     sampler(inputs, noise, committed, torch.tensor([4, 1]))
     assert len(recorded) == 2  # a new delay: replayed
+
+
+def _replaying_record(recorded: list):
+    """`cuda_graphs.record` minus CUDA, with a graph's semantics: the recording leaves the output buffers
+    unset (poisoned with NaN here, so a missing replay shows), and each replay runs the function again on
+    whatever its static input buffers hold, writing into those same output buffers."""
+
+    def record(fn, warmup):
+        output = fn()
+        outs = output if isinstance(output, list) else [output]
+        for o in outs:
+            if o.is_floating_point():
+                o.fill_(float("nan"))
+
+        def replay():
+            fresh = fn()
+            for o, f in zip(outs, fresh if isinstance(fresh, list) else [fresh], strict=True):
+                o.copy_(f)
+
+        recorded.append(fn)
+        return SimpleNamespace(replay=replay), output
+
+    return record
+
+
+def test_guided_rtc_replays_its_prefill_and_expert_step_and_gives_the_eager_chunk(monkeypatch):
+    """RTC guidance (LeRobot's eager loop) with the prefill and the expert step as two recorded graphs: the
+    chunk is the eager guided sampler's, new inputs of the same signature replay the same two graphs (so
+    they are copied into the static buffers the graphs read), and a new shape records two more."""
+    from lerobot.policies.rtc.configuration_rtc import RTCConfig
+    from lerobot.policies.rtc.modeling_rtc import RTCProcessor
+
+    torch.manual_seed(0)
+    model = KIPolicy(tiny_config()).model.eval()
+    with torch.no_grad():  # adaRMS starts at zero: perturbed so that the flow time matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    recorded = []
+    monkeypatch.setattr(cuda_graphs, "record", _replaying_record(recorded))
+    sampler = GraphedSampler(model, num_steps=3)
+    rtc = RTCProcessor(RTCConfig(execution_horizon=10))
+
+    def both(inputs, noise, leftover):
+        kwargs = dict(inference_delay=2, prev_chunk_left_over=leftover, execution_horizon=10)
+        with torch.no_grad():
+            graphed = sampler.guided(inputs, noise, rtc, True, **kwargs)
+        eager = model.sample_actions(inputs, noise, 3, rtc, True, **kwargs)
+        return graphed, eager
+
+    for seed in (1, 2):  # the second: new values, same signature
+        g = torch.Generator().manual_seed(seed)
+        noise, leftover = torch.randn(2, 10, 8, generator=g), torch.randn(2, 7, 8, generator=g)
+        graphed, eager = both(_inputs(2, 12, seed), noise, leftover)
+        torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-6)
+        assert len(recorded) == 2 and len(sampler) == 1
+    unguided = model.sample_actions(_inputs(2, 12, seed), noise, 3)
+    assert not torch.allclose(graphed, unguided, atol=1e-3)  # the guidance acted
+    graphed, eager = both(_inputs(3, 16), torch.randn(3, 10, 8), torch.randn(3, 7, 8))
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-6)
+    assert len(recorded) == 4 and len(sampler) == 2
