@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "examples" / "ki_ablation"))
 
 import run as ablation  # noqa: E402
 from drift import linear_cka  # noqa: E402
+from language_probe import group_scenes, score  # noqa: E402
 
 from lerobot_ki.cli import make_vlm_corpus  # noqa: E402
 from lerobot_ki.stats import wilson_interval  # noqa: E402
@@ -116,6 +117,8 @@ def experiment(tmp_path_factory) -> tuple[Path, list[str]]:
         "1",
         "--heldout-demos-per-task",
         "1",
+        "--probe-scenes",
+        "2",
         "--eval-episodes",
         "1",
         "--eval-max-steps",
@@ -156,6 +159,11 @@ def test_every_run_has_every_measure(experiment):
     frozen, ki = runs["frozen"][0]["drift"], runs["ki"][0]["drift"]
     assert abs(frozen["hidden"]) < 1e-9 and all(abs(d) < 1e-9 for d in frozen["kv_per_layer"])
     assert ki["hidden"] > 1e-6 and ki["kv"] > 1e-6 and len(ki["kv_per_layer"]) == 4  # tiny: 4 layers
+    # The language probe: 2 scenes x 3 instructions x 4 samples scored, from the recorded probe scenes.
+    for arm in ("ki", "frozen"):
+        probe = runs[arm][0]["language"]
+        assert sum(map(sum, probe["confusion"])) == 2 * 3 * 4 and 0.0 <= probe["accuracy"] <= 1.0
+        assert len(probe["instructions"]) == 3 and probe["change_across_samples"] > 0
     # ... and the frozen arm's VQA answers are the pretrained VLM's, exactly.
     before = json.loads((out / "vqa_pretrained.json").read_text())["scores"]
     after = json.loads((out / "runs" / "frozen" / "seed0" / "vqa.json").read_text())["scores"]
@@ -169,6 +177,47 @@ def test_every_run_has_every_measure(experiment):
         for d in (out / "runs" / "ki" / "seed0" / "train" / "checkpoints").iterdir()
         if d.name.isdigit()
     ] == ["000004"]
+
+
+def test_language_probe_scores_chance_for_a_policy_deaf_to_the_instruction():
+    """The probe's null and its ceiling: the same chunk under every instruction is nearest to exactly one
+    task's expert chunk (accuracy 1/3); the instructed expert's chunk scores 1; the next task's scores 0."""
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randn(5, 3, 6, 4, generator=g)  # (scenes, tasks, T, D)
+    pads = torch.zeros(5, 3, 6, dtype=torch.bool)
+    pads[0, 1, 4:] = True  # a short episode: its padding is not scored
+    deaf = (targets.mean(1) + 0.1 * torch.randn(2, 5, 6, 4, generator=g))[None].expand(3, 2, 5, 6, 4)
+    r = score(deaf, targets, pads)
+    assert r["accuracy"] == pytest.approx(1 / 3) and r["change_across_instructions"] == 0.0
+    assert r["change_across_samples"] > 0
+    oracle = targets.permute(1, 0, 2, 3)[:, None].expand(3, 2, 5, 6, 4).clone()  # (I, K, S, T, D)
+    oracle[1, :, 0, 4:] = 99.0  # wrong only where the instructed expert's chunk is padding
+    r = score(oracle, targets, pads)
+    assert r["accuracy"] == 1.0 and r["mse_instructed"] == 0.0 and r["mse_other"] > 0
+    assert r["confusion"] == [[10, 0, 0], [0, 10, 0], [0, 0, 10]] and r["change_across_samples"] == 0.0
+    r = score(oracle.roll(1, dims=0), targets, pads)  # instruction i gets task i-1's chunk
+    assert r["accuracy"] == 0.0 and r["confusion"][1] == [10, 0, 0]
+
+
+def test_language_probe_refuses_scenes_that_the_image_alone_tells_apart():
+    frame = torch.rand(3, 8, 8)
+
+    def item(task: str, image: torch.Tensor) -> dict:
+        return {
+            "task": task,
+            "observation.image": image,
+            "observation.state": torch.zeros(4),
+            "action": torch.zeros(6, 4),
+            "action_is_pad": torch.zeros(6, dtype=torch.bool),
+        }
+
+    tasks = ["Reach", "Push", "Pick"]
+    obs, targets, pads = group_scenes([item(t, frame.clone()) for t in tasks], tasks)
+    assert obs["observation.image"].shape == (1, 3, 8, 8) and targets.shape == (1, 3, 6, 4)
+    with pytest.raises(ValueError, match="differ in \\['observation.image'\\].*--no-videos"):
+        group_scenes([item("Reach", frame), item("Push", frame + 0.01), item("Pick", frame)], tasks)
+    with pytest.raises(ValueError, match="same number of scenes"):
+        group_scenes([item("Reach", frame), item("Push", frame)], tasks)
 
 
 def test_linear_cka_sees_through_rotation_and_scale_only():

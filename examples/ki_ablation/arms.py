@@ -13,6 +13,12 @@ differs from KI only in the flags listed here. The paper's arms (Driess et al. 2
 - naive_tokens    KI with 256-bin per-dimension tokens (RT-2/OpenVLA) instead of FAST.
 - scratch         KI from a randomly initialised backbone: what the pretrained VLM contributes.
 
+Diagnostic arms (not the paper's; run only when named with --arms):
+
+- joint_no_cotrain  stop_gradient=false, FAST CE, no co-training: pi0 plus the FAST CE, joint minus the
+                    co-training; between `pi0` and `joint` it tells which of the two keeps joint training
+                    from following the push / pick-place instructions (language_probe.py).
+
 Reference rows (not ablations): LeRobot's own ACT and Diffusion Policy on the same demonstrations, with
 the flags of examples/metaworld/baselines.py (shared with the main job's `--baseline`).
 """
@@ -34,6 +40,7 @@ class Arm:
     pretrained_backbone: bool = True  # load the pretrained VLM (ki_vla arms)
     cotrain: bool = False  # mix the VLM corpus into training (ki_vla arms)
     naive_tokens: bool = False
+    diagnostic: bool = False  # not one of the paper's arms: not in the default --arms
 
     @property
     def is_ki_vla(self) -> bool:
@@ -56,6 +63,12 @@ ARMS: dict[str, Arm] = {
             "pi0-style: flow loss only, no stop-gradient, no co-training",
             flags=("--policy.stop_gradient=false", "--policy.fast_loss_weight=0"),
         ),
+        Arm(
+            "joint_no_cotrain",
+            "joint training (no stop-gradient) without co-training (diagnostic)",
+            flags=("--policy.stop_gradient=false",),
+            diagnostic=True,
+        ),
         Arm("frozen", "frozen backbone: only the expert trains", flags=("--policy.train_expert_only=true",)),
         Arm("naive_tokens", "KI with naive 256-bin tokens instead of FAST", cotrain=True, naive_tokens=True),
         Arm("scratch", "KI from a random backbone (no pretraining)", cotrain=True, pretrained_backbone=False),
@@ -74,6 +87,7 @@ ARMS: dict[str, Arm] = {
     )
 }
 KI_ARMS = tuple(name for name, arm in ARMS.items() if arm.is_ki_vla)
+DEFAULT_ARMS = tuple(name for name, arm in ARMS.items() if not arm.diagnostic)
 
 
 def parse_arms(text: str) -> list[Arm]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from arms import ARMS
 from drift import FILE as DRIFT_FILE
+from language_probe import FILE as LANGUAGE_FILE
 
 from lerobot_ki.metaworld_language import LANGUAGE_TASKS
 from lerobot_ki.stats import wilson_interval
@@ -42,9 +43,10 @@ def collect(out: Path, arms: list[str], seeds: list[int]) -> dict[str, list[dict
             f = out / "runs" / arm / f"seed{seed}" / "result.json"
             if f.exists():
                 run = json.loads(f.read_text())
-                drift = f.with_name(DRIFT_FILE)  # drift.py's, when measured
-                if drift.exists():
-                    run["drift"] = json.loads(drift.read_text())
+                for key, name in (("drift", DRIFT_FILE), ("language", LANGUAGE_FILE)):
+                    measured = f.with_name(name)  # drift.py's and language_probe.py's, when measured
+                    if measured.exists():
+                        run[key] = json.loads(measured.read_text())
                 runs.setdefault(arm, []).append(run)
     return runs
 
@@ -91,12 +93,17 @@ def main_table(runs: dict[str, list[dict]], before: dict[str, float] | None) -> 
 
 
 def language_table(runs: dict[str, list[dict]]) -> str:
-    """Success on reach/push/pick-place when their images are identical, and how often an episode did
-    another of the three tasks (its success condition held at some step) instead of or besides the
-    instructed one."""
+    """Success on reach/push/pick-place when their images are identical, how often an episode did another
+    of the three tasks (its success condition held at some step) instead of or besides the instructed one,
+    and the language probe (language_probe.py): how often the first chunk under an instruction is nearest
+    to that task's expert chunk (chance for a policy that ignores the instruction: 1/3), overall and per
+    instruction, and how far the instruction moves the chunk against how far sampling does."""
     lines = [
-        "| arm | instructed task done | did another task | " + " | ".join(LANGUAGE_TASKS) + " |",
-        "|---|---:|---:|" + "---:|" * len(LANGUAGE_TASKS),
+        "| arm | instructed task done | did another task | "
+        + " | ".join(LANGUAGE_TASKS)
+        + " | probe: nearest = instructed (chance 33.3%) | probe, per instruction | probe: chunk change, "
+        "instruction / sampling |",
+        "|---|---:|---:|" + "---:|" * len(LANGUAGE_TASKS) + "---:|---:|---:|",
     ]
     for arm, rs in runs.items():
         done = [x for x in (_rate(r, LANGUAGE_TASKS) for r in rs) if x is not None]
@@ -104,6 +111,17 @@ def language_table(runs: dict[str, list[dict]]) -> str:
         if not done:
             continue
         cells = [_pooled([s for r in rs for s in _episodes(r, (t,))]) for t in LANGUAGE_TASKS]
+        probe = [r["language"] for r in rs if r.get("language")]
+        if probe:
+            per_instr = [
+                _fmt([p["per_instruction_accuracy"][i] for p in probe], digits=0)
+                for i in range(len(probe[0]["per_instruction_accuracy"]))
+            ]
+            across = _fmt([p["change_across_instructions"] for p in probe], pct=False, digits=4)
+            within = _fmt([p["change_across_samples"] for p in probe], pct=False, digits=4)
+            cells += [_fmt([p["accuracy"] for p in probe]), " / ".join(per_instr), f"{across} / {within}"]
+        else:
+            cells += ["-", "-", "-"]
         lines.append(f"| {arm} | {_fmt(done)} | {_fmt(other)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -193,7 +211,8 @@ def write_report(out: Path, arms: list[str], seeds: list[int], args) -> None:
         [
             f"# Knowledge-insulation ablation ({meta['date']}, {meta['machine']})",
             main_table(runs, before),
-            "Language following (reach / push / pick-place with identical images):",
+            "Language following (reach / push / pick-place with identical images; the probe's "
+            "per-instruction accuracy in that order):",
             language_table(runs),
             "Per task, episodes succeeded (seeds pooled, 95% Wilson interval):",
             per_task_table(runs),

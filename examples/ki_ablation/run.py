@@ -6,12 +6,14 @@
 
 Stages (each skipped when its output exists, so an interrupted experiment continues where it stopped):
 1. data: scripted-expert demonstrations of --tasks (train seeds 0.., held-out seeds 500..; evaluation
-   uses seeds 1000.., as lerobot-eval), rendered at the policy's resolution without shadows
-   (lerobot_ki/metaworld_render.py); one FAST tokenizer fitted on the train demonstrations.
+   uses seeds 1000.., as lerobot-eval; the language probe's first chunks seeds 600..), rendered at the
+   policy's resolution without shadows (lerobot_ki/metaworld_render.py); one FAST tokenizer fitted on
+   the train demonstrations.
 2. the pretrained VLM's held-out VQA accuracy (the "before" of knowledge retention).
 3. one run per (arm, seed) under runs/<arm>/seed<k>/: lerobot-train, then held-out chunk MSE at each
    saved checkpoint (training speed), Meta-World success with 95% intervals, VQA accuracy after fine-tuning
-   and how far the backbone's weights moved. Its result.json marks it done.
+   how far the backbone's weights moved, representation drift (drift.py) and the language probe
+   (language_probe.py). Its result.json marks it done.
 4. the report: results.json (every run), table.md (mean +- sd over seeds), retention.png, curves.png.
 
 Arms: examples/ki_ablation/arms.py. `--preset real --vlm <PaliGemma folder> --device cuda` builds the same
@@ -40,9 +42,10 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "examples" / "metaworld"))
 
-from arms import ARMS, Arm, parse_arms  # noqa: E402
+from arms import ARMS, DEFAULT_ARMS, Arm, parse_arms  # noqa: E402
 from baselines import reference_policy_flags  # noqa: E402
 from drift import pretrained_backbone_state, write_drift  # noqa: E402
+from language_probe import PROBE_SEED, write_language  # noqa: E402
 from main_job import (  # noqa: E402
     NORMALIZATION,
     PRESETS,
@@ -52,6 +55,8 @@ from main_job import (  # noqa: E402
     run_stage,
     stage_env,
 )
+
+from lerobot_ki.metaworld_language import LANGUAGE_TASKS  # noqa: E402
 
 DEFAULT_VLM = REPO / "benchmarks" / "results" / "vlm_tiny_2026-11-26" / "paligemma"
 # One standard task and the three language-following ones (the same first frame; only the instruction
@@ -70,11 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     a = p.add_argument
-    a("--arms", default=",".join(ARMS), help=f"comma list of arms (default: all: {','.join(ARMS)})")
+    a(
+        "--arms",
+        default=",".join(DEFAULT_ARMS),
+        help=f"comma list of arms (default: the paper's: {','.join(DEFAULT_ARMS)}; also: "
+        f"{','.join(a for a in ARMS if a not in DEFAULT_ARMS)})",
+    )
     a("--seeds", default="0,1,2", help="training seeds (comma list; default: %(default)s)")
     a("--tasks", default=DEFAULT_TASKS, help="Meta-World tasks (default: %(default)s)")
     a("--demos-per-task", type=int, default=10, help="expert demonstrations per task (default: %(default)s)")
     a("--heldout-demos-per-task", type=int, default=3, help="for chunk MSE (default: %(default)s)")
+    a("--probe-scenes", type=int, default=30, help="language probe scenes (default: %(default)s)")
     a("--steps", type=int, default=600, help="training steps per run (default: %(default)s)")
     a(
         "--checkpoints",
@@ -178,6 +189,7 @@ def prepare_data(args: argparse.Namespace, out: Path) -> None:
             ],
             out / "data" / f"record_{split}.log",
         )
+    prepare_probe(out, args.probe_scenes, args.chunk_size, args.render_size)
     fast_dir = out / "fast_tokenizer"
     if not (fast_dir / "tokenizer.json").exists():
         run(
@@ -192,6 +204,44 @@ def prepare_data(args: argparse.Namespace, out: Path) -> None:
             ],
             out / "data" / "fit_fast.log",
         )
+
+
+def prepare_probe(out: Path, scenes: int, chunk: int, render_size: int) -> None:
+    """The language probe's scenes (language_probe.py): the first `chunk` expert actions of reach, push and
+    pick-place in their language-following variant at seeds 600.., as PNG frames (lossless: the three
+    tasks' identical first frames stay identical)."""
+    root, summary = out / "data" / "probe", out / "data" / "probe_summary.json"
+    if summary.exists():
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    run(
+        [
+            sys.executable,
+            str(REPO / "examples" / "metaworld" / "record_dataset.py"),
+            "--tasks",
+            ",".join(LANGUAGE_TASKS),
+            "--hide-goals",
+            "--episodes-per-task",
+            str(scenes),
+            "--seed",
+            str(PROBE_SEED),
+            "--max-steps",
+            str(chunk),  # only the first chunk is scored
+            "--keep-failed",  # cut at `chunk` steps, no episode finishes
+            "--no-videos",
+            "--root",
+            str(root),
+            "--repo-id",
+            f"{REPO_ID}_probe",
+            "--render-size",
+            str(render_size),
+            "--summary-json",
+            str(summary),
+            "--no-progress",
+        ],
+        out / "data" / "record_probe.log",
+    )
 
 
 def vqa_accuracy(checkpoint: Path, args: argparse.Namespace, json_path: Path) -> dict[str, float]:
@@ -357,6 +407,7 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
         result["backbone_shift"] = backbone_shift(final, args.vlm) if arm.pretrained_backbone else None
         if arm.pretrained_backbone:  # runs/<arm>/seed<k>/drift.json, which the report reads
             write_drift(run_dir, final, args.vlm, out, REPO_ID, args.device)
+        write_language(run_dir, final, out, REPO_ID, args.device)  # runs/<arm>/seed<k>/language.json
     success_json = run_dir / "success.json"
     if not success_json.exists():
         cmd = [
