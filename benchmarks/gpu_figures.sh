@@ -11,8 +11,10 @@
 #   2. issue 16: one chunk sync / training-time RTC / RTC-guided, real preset;
 #   3. ki_vla with the compiled expert, torch.compile's default and max-autotune-no-cudagraphs modes,
 #      2 cameras; the first call's (compile) time is in the JSON as first_ms;
-#   4. LeRobot pi05 with its own compile_model=true (its default mode, max-autotune), 2 cameras.
-# The time limits (seconds) fit the whole run in 10 minutes: T1 T2 T3 T4 override them.
+#   4. a kernel profile of the default sampler (benchmarks/profile_ki_inference.py): where the time goes;
+#   5. only with T5 set (it did not return within 315 s on an H200): LeRobot pi05 with its own
+#      compile_model=true (its default mode, max-autotune), 2 cameras.
+# The time limits (seconds) fit steps 1-4 in 10 minutes: T1 T2 T3 T4 override them.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_figures.sh OUTDIR}
 py=${PYTHON:-python}
@@ -39,5 +41,8 @@ step rollout_real "${T2:-75}" "$here/rollout_timing.py" --preset real --device c
     --repeats 10
 step compiled_full "${T3:-160}" "$here/vs_pi05_pi0fast.py" --size full --no-train --ki-variants compiled \
     --policies ki_vla --cameras 2 --json "$out/compiled_full.json"
-step pi05_compiled_full "${T4:-135}" "$here/vs_pi05_pi0fast.py" --size full --no-train \
-    --policies pi05_compiled --cameras 2 --json "$out/pi05_compiled_full.json"
+step profile_full "${T4:-110}" "$here/profile_ki_inference.py"
+if [ -n "${T5:-}" ]; then
+    step pi05_compiled_full "$T5" "$here/vs_pi05_pi0fast.py" --size full --no-train \
+        --policies pi05_compiled --cameras 2 --json "$out/pi05_compiled_full.json"
+fi
