@@ -20,6 +20,10 @@ same noise for the three instructions), and each prediction is scored by which e
 The probe scenes (seeds 600.., neither training, held-out nor evaluation seeds) are recorded once per output
 directory by run.py (`data/probe`, PNG frames, so the identical first frames stay identical on disk).
 
+Probed: ki_vla and LeRobot's ACT (which reads no instruction: a check of the null on a real policy).
+Not Diffusion Policy: its chunk is the 8 actions it executes from a 16-step horizon over two observation
+frames, not a 20-action chunk from one frame, so its score would not be the same measure.
+
     python examples/ki_ablation/language_probe.py --output-dir outputs/ki_ablation   # runs lacking one
 """
 
@@ -41,6 +45,7 @@ sys.path.insert(0, str(HERE.parents[1] / "examples" / "metaworld"))
 FILE = "language.json"  # per run: runs/<arm>/seed<k>/language.json
 PROBE_SEED = 600
 SAMPLES = 4
+PROBED_TYPES = ("ki_vla", "act")  # policies whose predict_action_chunk maps one frame to the whole chunk
 
 
 def group_scenes(items: list[dict[str, Any]], tasks: list[str]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
@@ -161,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare_probe(out, args.scenes, args.chunk_size, args.render_size)
     for run_dir in sorted((out / "runs").glob("*/seed*")):
         arm = ARMS.get(run_dir.parent.name)
-        if arm is None or not arm.is_ki_vla:
-            continue  # as the chunk error: the reference policies' chunks are not probed
+        if arm is None or arm.policy_type not in PROBED_TYPES:
+            continue
         result = run_dir / "result.json"
         if not result.exists():
             continue

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "examples" / "metaworld"))
 from arms import ARMS, DEFAULT_ARMS, Arm, parse_arms  # noqa: E402
 from baselines import reference_policy_flags  # noqa: E402
 from drift import pretrained_backbone_state, write_drift  # noqa: E402
-from language_probe import PROBE_SEED, write_language  # noqa: E402
+from language_probe import PROBE_SEED, PROBED_TYPES, write_language  # noqa: E402
 from main_job import (  # noqa: E402
     NORMALIZATION,
     PRESETS,
@@ -153,42 +153,35 @@ def run(cmd: list[str], log: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- data
+def record_split(
+    out: Path, split: str, tasks: str, seed: int, episodes: int, render_size: int, *extra: str
+) -> None:
+    """Scripted-expert demonstrations of `tasks` (reach/push/pick-place in their language-following
+    variant) as data/<split>, episode k of a task seeded seed + k; recorded once (data/<split>_summary.json
+    marks it done)."""
+    root, summary = out / "data" / split, out / "data" / f"{split}_summary.json"
+    if summary.exists():
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    run(
+        [
+            sys.executable,
+            str(REPO / "examples" / "metaworld" / "record_dataset.py"),
+            *("--tasks", tasks, "--episodes-per-task", str(episodes), "--seed", str(seed)),
+            *("--root", str(root), "--repo-id", f"{REPO_ID}_{split}", "--render-size", str(render_size)),
+            *("--summary-json", str(summary), "--no-progress", "--hide-goals", *extra),
+        ],
+        out / "data" / f"record_{split}.log",
+    )
+
+
 def prepare_data(args: argparse.Namespace, out: Path) -> None:
     for split, seed, n in (
         ("train", 0, args.demos_per_task),
         ("heldout", HELDOUT_SEED, args.heldout_demos_per_task),
     ):
-        root = out / "data" / split
-        summary = out / "data" / f"{split}_summary.json"
-        if summary.exists():
-            continue
-        shutil.rmtree(root, ignore_errors=True)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        run(
-            [
-                sys.executable,
-                str(REPO / "examples" / "metaworld" / "record_dataset.py"),
-                "--tasks",
-                args.tasks,
-                "--episodes-per-task",
-                str(n),
-                "--root",
-                str(root),
-                "--repo-id",
-                f"{REPO_ID}_{split}",
-                "--seed",
-                str(seed),
-                "--render-size",
-                str(args.render_size),
-                "--max-attempts-factor",
-                "2",
-                "--summary-json",
-                str(summary),
-                "--no-progress",
-                "--hide-goals",  # reach/push/pick-place: the language-following variant
-            ],
-            out / "data" / f"record_{split}.log",
-        )
+        record_split(out, split, args.tasks, seed, n, args.render_size, "--max-attempts-factor", "2")
     prepare_probe(out, args.probe_scenes, args.chunk_size, args.render_size)
     fast_dir = out / "fast_tokenizer"
     if not (fast_dir / "tokenizer.json").exists():
@@ -208,40 +201,11 @@ def prepare_data(args: argparse.Namespace, out: Path) -> None:
 
 def prepare_probe(out: Path, scenes: int, chunk: int, render_size: int) -> None:
     """The language probe's scenes (language_probe.py): the first `chunk` expert actions of reach, push and
-    pick-place in their language-following variant at seeds 600.., as PNG frames (lossless: the three
-    tasks' identical first frames stay identical)."""
-    root, summary = out / "data" / "probe", out / "data" / "probe_summary.json"
-    if summary.exists():
-        return
-    shutil.rmtree(root, ignore_errors=True)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    run(
-        [
-            sys.executable,
-            str(REPO / "examples" / "metaworld" / "record_dataset.py"),
-            "--tasks",
-            ",".join(LANGUAGE_TASKS),
-            "--hide-goals",
-            "--episodes-per-task",
-            str(scenes),
-            "--seed",
-            str(PROBE_SEED),
-            "--max-steps",
-            str(chunk),  # only the first chunk is scored
-            "--keep-failed",  # cut at `chunk` steps, no episode finishes
-            "--no-videos",
-            "--root",
-            str(root),
-            "--repo-id",
-            f"{REPO_ID}_probe",
-            "--render-size",
-            str(render_size),
-            "--summary-json",
-            str(summary),
-            "--no-progress",
-        ],
-        out / "data" / "record_probe.log",
-    )
+    pick-place at seeds 600.., as PNG frames (lossless: the three tasks' identical first frames stay
+    identical). Episodes are cut at `chunk` steps, so none finishes: all are kept."""
+    tasks = ",".join(LANGUAGE_TASKS)
+    extra = ("--max-steps", str(chunk), "--keep-failed", "--no-videos")
+    record_split(out, "probe", tasks, PROBE_SEED, scenes, render_size, *extra)
 
 
 def vqa_accuracy(checkpoint: Path, args: argparse.Namespace, json_path: Path) -> dict[str, float]:
@@ -407,7 +371,8 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
         result["backbone_shift"] = backbone_shift(final, args.vlm) if arm.pretrained_backbone else None
         if arm.pretrained_backbone:  # runs/<arm>/seed<k>/drift.json, which the report reads
             write_drift(run_dir, final, args.vlm, out, REPO_ID, args.device)
-        write_language(run_dir, final, out, REPO_ID, args.device)  # runs/<arm>/seed<k>/language.json
+    if arm.policy_type in PROBED_TYPES:  # runs/<arm>/seed<k>/language.json, which the report reads
+        write_language(run_dir, final, out, REPO_ID, args.device)
     success_json = run_dir / "success.json"
     if not success_json.exists():
         cmd = [
