@@ -43,7 +43,9 @@ class _GuidedCaptured:
     step: _Captured  # inputs: [x_t (B, T, A), time (B,)]
 
 
-def record(fn: Callable[[], Tensor | list[Tensor]], warmup: int) -> tuple[torch.cuda.CUDAGraph, object]:
+def record(
+    fn: Callable[[], Tensor | list[Tensor]], warmup: int
+) -> tuple[torch.cuda.CUDAGraph, Tensor | list[Tensor]]:
     """Records `fn` (which reads static buffers) as a CUDA graph: (graph, the output buffers it writes).
     Recording does not run the kernels: the outputs hold their values only after a replay."""
     # Warm-up outside the graph on a side stream: cuBLAS handles, lazy module state and the caching
@@ -122,6 +124,7 @@ class GraphedSampler:
         entry.graph.replay()
         return entry.output.clone()
 
+    @torch.no_grad()  # as sample_actions; LeRobot's guidance enables grad for its own step
     def guided(
         self,
         inputs: ModelInputs,

@@ -124,8 +124,7 @@ def test_guided_rtc_replays_its_prefill_and_expert_step_and_gives_the_eager_chun
 
     def both(inputs, noise, leftover):
         kwargs = dict(inference_delay=2, prev_chunk_left_over=leftover, execution_horizon=10)
-        with torch.no_grad():
-            graphed = sampler.guided(inputs, noise, rtc, True, **kwargs)
+        graphed = sampler.guided(inputs, noise, rtc, True, **kwargs)
         eager = model.sample_actions(inputs, noise, 3, rtc, True, **kwargs)
         return graphed, eager
 
