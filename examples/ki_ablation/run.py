@@ -11,7 +11,7 @@ Stages (each skipped when its output exists, so an interrupted experiment contin
    the train demonstrations.
 2. the pretrained VLM's held-out VQA accuracy (the "before" of knowledge retention).
 3. one run per (arm, seed) under runs/<arm>/seed<k>/: lerobot-train, then held-out chunk MSE at each
-   saved checkpoint (training speed), Meta-World success with 95% intervals, VQA accuracy after fine-tuning
+   saved checkpoint (training speed), Meta-World success with 95% intervals, VQA accuracy after fine-tuning,
    how far the backbone's weights moved, representation drift (drift.py) and the language probe
    (language_probe.py). Its result.json marks it done.
 4. the report: results.json (every run), table.md (mean +- sd over seeds), retention.png, curves.png.
