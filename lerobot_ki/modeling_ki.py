@@ -17,7 +17,7 @@ from lerobot.utils.constants import ACTION, ACTION_TOKEN_MASK, ACTION_TOKENS
 from safetensors import SafetensorError
 from torch import Tensor
 
-from lerobot_ki import vla_model
+import lerobot_ki.vla_model as vla_model
 from lerobot_ki.configuration_ki import KIConfig
 from lerobot_ki.cuda_graphs import GraphedSampler
 from lerobot_ki.fast import FASTDecodeError
