@@ -171,6 +171,7 @@ def test_every_run_has_every_measure(experiment):
     table = (out / "table.md").read_text()
     assert "| ki | 1 |" in table and "| frozen | 1 |" in table and "pretrained VLM" in table
     assert (out / "retention.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+    assert (out / "language.png").stat().st_size > 0
     # Only the final checkpoint is kept.
     assert [
         d.name

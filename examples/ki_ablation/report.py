@@ -1,4 +1,5 @@
-"""The ablation's report from the finished runs: results.json, table.md, retention.png, curves.png."""
+"""The ablation's report from the finished runs: results.json, table.md, retention.png, curves.png,
+language.png."""
 
 from __future__ import annotations
 
@@ -172,6 +173,28 @@ def plots(runs: dict[str, list[dict]], before: dict[str, float] | None, out: Pat
         fig.suptitle("Knowledge retained after robot fine-tuning (bars: mean; dots: seeds)")
         fig.tight_layout()
         fig.savefig(out / "retention.png", dpi=110)
+        plt.close(fig)
+    probed = [a for a in runs if any(r.get("language") for r in runs[a])]
+    if probed:  # the language probe: overall and per instruction, against the deaf policy's 1/3
+        fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(probed) + 2), 3.8))
+        series = [("all", None), *((t.removesuffix("-v3"), i) for i, t in enumerate(LANGUAGE_TASKS))]
+        width = 0.8 / len(series)
+        for j, arm in enumerate(probed):
+            probes = [r["language"] for r in runs[arm] if r.get("language")]
+            for k, (label, i) in enumerate(series):
+                vals = [p["accuracy"] if i is None else p["per_instruction_accuracy"][i] for p in probes]
+                x = j + (k - (len(series) - 1) / 2) * width
+                ax.bar(x, statistics.fmean(vals), width=width, color=f"C{k}", label=label if j == 0 else None)
+                ax.scatter([x] * len(vals), vals, color="k", s=8, zorder=3)
+        ax.axhline(1 / 3, color="gray", ls="--", label="deaf to the instruction (1/3)")
+        ax.set_xticks(range(len(probed)), probed, rotation=30, ha="right")
+        ax.set_ylabel("nearest expert chunk = instructed")
+        ax.set_ylim(0, 1.22)  # room for the legend above the bars
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+        ax.legend(fontsize=7, ncol=5, loc="upper center")
+        ax.set_title("Language probe: same first frame, three instructions (bars: mean; dots: seeds)")
+        fig.tight_layout()
+        fig.savefig(out / "language.png", dpi=110)
         plt.close(fig)
     curves = [a for a in runs if any(r.get("mse_curve") for r in runs[a])]
     if curves:
