@@ -98,8 +98,7 @@ def write_drift(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from arms import ARMS
-    from run import DEFAULT_VLM, REPO_ID
+    from run import DEFAULT_VLM, REPO_ID, finished_runs
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", type=Path, default=Path("outputs/ki_ablation"))
@@ -107,15 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     out = args.output_dir.resolve()
-    for run_dir in sorted((out / "runs").glob("*/seed*")):
-        arm = ARMS.get(run_dir.parent.name)
-        if arm is None or not arm.is_ki_vla or not arm.pretrained_backbone:
+    for run_dir, arm, ckpt in finished_runs(out):
+        if not arm.is_ki_vla or not arm.pretrained_backbone:
             continue  # drift from the pretrained VLM means nothing for other policies or a random start
-        result = run_dir / "result.json"
-        if not result.exists():
-            continue
-        steps = json.loads(result.read_text())["steps"]
-        ckpt = run_dir / "train" / "checkpoints" / f"{steps:06d}" / "pretrained_model"
         drift = write_drift(run_dir, ckpt, args.vlm.resolve(), out, REPO_ID, args.device)
         name = f"{run_dir.parent.name} {run_dir.name}"
         print(f"{name}: drift hidden {drift['hidden']:.4f}, K/V {drift['kv']:.4f}")

@@ -152,8 +152,7 @@ def write_language(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from arms import ARMS
-    from run import REPO_ID, prepare_probe
+    from run import REPO_ID, finished_runs, prepare_probe
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", type=Path, default=Path("outputs/ki_ablation"))
@@ -164,15 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = args.output_dir.resolve()
     prepare_probe(out, args.scenes, args.chunk_size, args.render_size)
-    for run_dir in sorted((out / "runs").glob("*/seed*")):
-        arm = ARMS.get(run_dir.parent.name)
-        if arm is None or arm.policy_type not in PROBED_TYPES:
+    for run_dir, arm, ckpt in finished_runs(out):
+        if arm.policy_type not in PROBED_TYPES:
             continue
-        result = run_dir / "result.json"
-        if not result.exists():
-            continue
-        steps = json.loads(result.read_text())["steps"]
-        ckpt = run_dir / "train" / "checkpoints" / f"{steps:06d}" / "pretrained_model"
         lang = write_language(run_dir, ckpt, out, REPO_ID, args.device)
         print(
             f"{run_dir.parent.name} {run_dir.name}: accuracy {lang['accuracy']:.3f} "

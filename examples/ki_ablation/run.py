@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 # Headless offscreen rendering for the evaluation in this process; must be set before mujoco is imported.
@@ -311,6 +312,16 @@ def backbone_shift(checkpoint: Path, vlm: Path) -> float:
     if den == 0.0:
         raise RuntimeError(f"no backbone weights of {vlm} matched {checkpoint}")
     return (num / den) ** 0.5
+
+
+def finished_runs(out: Path) -> Iterator[tuple[Path, Arm, Path]]:
+    """(run dir, arm, final checkpoint) of every run under out/runs with a result.json, for the measures
+    added after runs were made (drift.py, language_probe.py)."""
+    for run_dir in sorted((out / "runs").glob("*/seed*")):
+        arm, result = ARMS.get(run_dir.parent.name), run_dir / "result.json"
+        if arm is not None and result.exists():
+            steps = json.loads(result.read_text())["steps"]
+            yield run_dir, arm, run_dir / "train" / "checkpoints" / f"{steps:06d}" / "pretrained_model"
 
 
 def training_done(train_dir: Path, steps: int) -> bool:
