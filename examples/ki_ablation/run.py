@@ -367,7 +367,7 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
     )
     final = ckpts[-1] / "pretrained_model"
     t0 = time.perf_counter()
-    if arm.is_ki_vla:
+    if arm.policy_type in PROBED_TYPES:  # one frame -> one whole chunk: ki_vla and ACT (not Diffusion)
         heldout = out / "data" / "heldout"
         result["mse_curve"] = [
             {
@@ -378,6 +378,7 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace, out: Path) -> None:
             }
             for c in ckpts
         ]
+    if arm.is_ki_vla:
         result["vqa"] = vqa_accuracy(final, args, run_dir / "vqa.json")
         result["backbone_shift"] = backbone_shift(final, args.vlm) if arm.pretrained_backbone else None
         if arm.pretrained_backbone:  # runs/<arm>/seed<k>/drift.json, which the report reads
