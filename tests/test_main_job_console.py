@@ -267,3 +267,23 @@ def test_a_fast_tokenizer_fitted_for_another_vocabulary_is_refitted_not_reused(t
     assert f"--policy.fast_vocab_size={main_job.FAST_VOCAB}" in train
     # What the moved-aside tokenizer was fitted for, as the job reads it.
     assert main_job.fast_fit(moved[0]) == (20, 1024)
+
+
+def test_diffusion_reference_flags_make_a_valid_lerobot_config_that_replans_like_ki_vla():
+    """The Diffusion reference's flags, parsed by draccus into LeRobot's own DiffusionConfig (which checks
+    the horizon against the U-Net's downsampling): ki_vla's replanning rate, the frames dropped by the
+    rule LeRobot's config states, warm-up over a tenth of the run; an n_action_steps the horizon cannot
+    hold is refused before any training."""
+    import draccus
+    from baselines import reference_policy_flags  # examples/metaworld, on the path main_job set
+    from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
+
+    flags = reference_policy_flags("diffusion", chunk_size=20, n_action_steps=5, steps=600)
+    assert flags[0] == "--policy.type=diffusion"
+    cfg = draccus.parse(DiffusionConfig, args=[f.replace("--policy.", "--") for f in flags[1:]])
+    assert cfg.horizon == 16 and cfg.n_action_steps == 5 and cfg.n_obs_steps == 2
+    assert cfg.drop_n_last_frames == cfg.horizon - cfg.n_action_steps - cfg.n_obs_steps + 1 == 10
+    assert tuple(cfg.down_dims) == (256, 512, 1024) and cfg.scheduler_warmup_steps == 60
+    assert cfg.pretrained_backbone_weights is None and cfg.num_inference_steps == 10
+    with pytest.raises(ValueError, match="at most 15"):
+        reference_policy_flags("diffusion", chunk_size=20, n_action_steps=16, steps=600)

@@ -260,7 +260,7 @@ def train_command(arm: Arm, seed: int, args: argparse.Namespace, out: Path, trai
         "--wandb.enable=false",
     ]
     if not arm.is_ki_vla:
-        flags = reference_policy_flags(arm.policy_type, args.chunk_size, args.n_action_steps)
+        flags = reference_policy_flags(arm.policy_type, args.chunk_size, args.n_action_steps, args.steps)
         return [console_script("lerobot-train"), *flags, *common]
     cmd = [
         console_script("lerobot-train"),

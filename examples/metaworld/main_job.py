@@ -216,7 +216,7 @@ def baseline_train_command(args: argparse.Namespace, name: str, repo_id: str, da
 
     return [
         console_script("lerobot-train"),
-        *reference_policy_flags(name, args.chunk_size, args.n_action_steps),
+        *reference_policy_flags(name, args.chunk_size, args.n_action_steps, args.steps),
         *_shared_train_flags(args, repo_id, data_dir, train_dir, log_freq),
     ]
 
