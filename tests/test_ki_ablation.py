@@ -271,6 +271,13 @@ def test_unknown_arm_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_reference_arm_that_cannot_take_the_chunk_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "x"
+    with pytest.raises(SystemExit, match="--arms diffusion: n_action_steps 16 does not fit"):
+        ablation.main(["--arms", "ki,diffusion", "--n-action-steps", "16", "--output-dir", str(out)])
+    assert not out.exists()
+
+
 def test_heldout_errors_separate_sampling_spread_from_model_error(experiment):
     """evaluate.py --heldout-samples: several sampled chunks per held-out frame; the first is exactly the
     single-sample error the runs report (samples=1), and the error of their mean is no larger than their

@@ -287,3 +287,10 @@ def test_diffusion_reference_flags_make_a_valid_lerobot_config_that_replans_like
     assert cfg.pretrained_backbone_weights is None and cfg.num_inference_steps == 10
     with pytest.raises(ValueError, match="at most 15"):
         reference_policy_flags("diffusion", chunk_size=20, n_action_steps=16, steps=600)
+
+
+def test_a_baseline_that_cannot_take_the_jobs_chunk_is_refused_at_startup(capsys):
+    with pytest.raises(SystemExit):
+        main_job.parse_args(["--baseline", "act,diffusion", "--n-action-steps", "16"])
+    assert "--baseline diffusion: n_action_steps 16 does not fit" in capsys.readouterr().err
+    assert main_job.parse_args(["--baseline", "act", "--n-action-steps", "16"]).baselines == ["act"]

@@ -437,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     args.vlm = args.vlm.resolve()
     arms = parse_arms(args.arms)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    for arm in arms:  # a reference that cannot take the chunk is refused before any run, not at its turn
+        if not arm.is_ki_vla:
+            try:
+                reference_policy_flags(arm.policy_type, args.chunk_size, args.n_action_steps, args.steps)
+            except ValueError as err:
+                sys.exit(f"--arms {arm.name}: {err}")
     if not args.report_only:
         if any(a.cotrain for a in arms) and not (args.corpus / "train").is_dir():
             sys.exit(

@@ -170,6 +170,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown_baselines = [b for b in args.baselines if b not in BASELINES]
     if unknown_baselines:
         p.error(f"--baseline {','.join(unknown_baselines)}: choose from {', '.join(BASELINES)}")
+    from baselines import reference_policy_flags
+
+    for name in args.baselines:  # a reference that cannot take the chunk is refused now, not after ki_vla
+        try:
+            reference_policy_flags(name, args.chunk_size, args.n_action_steps, args.steps)
+        except ValueError as err:
+            p.error(f"--baseline {name}: {err}")
     if args.render_size is None:
         args.render_size = RENDER_SIZE[args.preset]
     return args
