@@ -131,7 +131,12 @@ def test_fsdp_checkpoint_loads_in_one_process_and_acts_like_ddp(runs):
     # The gathered full state dict, written by rank 0: every tensor DDP saved, VLM stream state included.
     assert fsdp["weights"].keys() == ddp["weights"].keys()
     for key, value in ddp["weights"].items():
-        torch.testing.assert_close(fsdp["weights"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+        # A key bias adds the same q.b to every logit of a query, which softmax ignores: its gradient is zero
+        # in exact arithmetic, so Adam's update of it is normalised float noise, which DDP's and FSDP's
+        # reduction orders make differently (seen on 2026-12-08: 2e-6 apart on values of 1e-5). It only has
+        # to stay at noise level in both.
+        atol = 1e-4 if key.endswith("self_attn.k_proj.bias") else 1e-6
+        torch.testing.assert_close(fsdp["weights"][key], value, rtol=1e-4, atol=atol, msg=key)
     assert torch.equal(fsdp["weights"]["vlm_cotraining.state"], ddp["weights"]["vlm_cotraining.state"])
     assert fsdp["weights"]["vlm_cotraining.state"].sum() > 0
     assert fsdp["fast"] == ddp["fast"]  # the fitted FAST tokenizer, byte for byte
