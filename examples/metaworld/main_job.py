@@ -47,6 +47,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the sibling scripts (baselines.py), however this one was loaded
     sys.path.insert(0, str(HERE))
+from baselines import REFERENCE_FLAGS, reference_policy_flags  # noqa: E402
+
 # The default tasks follow a rule written down before any policy was evaluated on them: the first four
 # tasks of Meta-World's "easy" group (LeRobot's DIFFICULTY_TO_TASKS["easy"], 28 tasks) in the order
 # random.Random(0).sample(sorted(easy), 28) draws them, skipping a task whose scripted expert fails more
@@ -85,7 +87,7 @@ PRESETS = {
 
 # The rendered frame side for each preset: the policy's input resolution, so no resize is involved.
 RENDER_SIZE = {"tiny": 96, "real": 224}
-BASELINES = ("act", "diffusion")  # LeRobot's policies (examples/metaworld/baselines.py)
+BASELINES = tuple(REFERENCE_FLAGS)  # LeRobot's policies: act, diffusion (examples/metaworld/baselines.py)
 STAGE_LOGS = ("record.log", "fit_fast.log", "train.log", "eval.log")
 
 
@@ -170,8 +172,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown_baselines = [b for b in args.baselines if b not in BASELINES]
     if unknown_baselines:
         p.error(f"--baseline {','.join(unknown_baselines)}: choose from {', '.join(BASELINES)}")
-    from baselines import reference_policy_flags
-
     for name in args.baselines:  # a reference that cannot take the chunk is refused now, not after ki_vla
         try:
             reference_policy_flags(name, args.chunk_size, args.n_action_steps, args.steps)
@@ -219,8 +219,6 @@ def baseline_train_command(args: argparse.Namespace, name: str, repo_id: str, da
                            train_dir: Path, log_freq: int) -> list[str]:  # fmt: skip
     """lerobot-train for LeRobot's policy `name` on the same data and budget (the --policy.* flags the
     user passes are ki_vla's and do not reach it)."""
-    from baselines import reference_policy_flags
-
     return [
         console_script("lerobot-train"),
         *reference_policy_flags(name, args.chunk_size, args.n_action_steps, args.steps),
